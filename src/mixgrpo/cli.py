@@ -1,0 +1,150 @@
+"""``mixgrpo`` command line. Heavy imports happen inside each subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mixgrpo.config import config_to_yaml, load_config
+    from mixgrpo.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config_to_yaml(cfg))
+        return 0
+    result = train(cfg, resume=args.resume, device=args.device)
+    print(f"\nfinished {result.iterations} iterations in {result.seconds:.0f} s; weights: {result.final_weights}")
+    print(f"{'held-out reward':<22}{'before':>9}{'after':>9}")
+    for name in result.held_out_before:
+        print(f"{name:<22}{result.held_out_before[name]:>9.4f}{result.held_out_after[name]:>9.4f}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from mixgrpo.config import config_to_yaml, load_config
+
+    print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _cmd_toy_pretrain(args: argparse.Namespace) -> int:
+    from mixgrpo.toy.pretrain import ensure_base_model
+
+    path = ensure_base_model(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
+    print(f"toy base model: {path}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from mixgrpo.config import load_config
+    from mixgrpo.images import save_grid
+    from mixgrpo.train import build_policy, derive_seed, load_prompts, sample_images
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.path={args.model}")
+    cfg = load_config(args.config, overrides)
+    prompts = args.prompt or load_prompts(args.prompts or "", "test")[: args.max_prompts]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    policy = build_policy(cfg, device)
+    rows = [p for p in prompts for _ in range(args.per_prompt)]
+    seeds = [derive_seed("eval", i % args.per_prompt) for i in range(len(rows))]
+    images = sample_images(policy, rows, seeds, cfg, device)
+    path = save_grid(images, args.out, columns=args.per_prompt, scale=args.scale, row_labels=prompts, label_width=220)
+    print(f"wrote {path} ({len(prompts)} prompts x {args.per_prompt} images)")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mixgrpo.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _cmd_rewards_list(args: argparse.Namespace) -> int:
+    from mixgrpo.rewards import available_rewards
+
+    for name in available_rewards():
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixgrpo",
+        description="MixGRPO: GRPO alignment of flow-matching text-to-image models with a sliding window of SDE steps.",
+        epilog="Config overrides are section.key=value pairs, e.g. `mixgrpo train --config configs/toy.yaml optim.lr=3e-5 mode=dancegrpo`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add_config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML config file (see configs/)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-5")
+
+    p = sub.add_parser("train", help="run MixGRPO training (or a baseline mode)")
+    add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved config (defaults -> mode preset -> file -> overrides)")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+
+    toy = sub.add_parser("toy", help="the built-in toy world").add_subparsers(dest="toy_command", metavar="COMMAND", required=True)
+    p = toy.add_parser("pretrain", help="pre-train (once, cached) the toy base model by flow matching")
+    p.add_argument("--cache-dir", help="cache directory (default: $MIXGRPO_CACHE or ~/.cache/mixgrpo)")
+    p.add_argument("--force", action="store_true", help="pre-train again even if cached")
+    p.set_defaults(func=_cmd_toy_pretrain)
+
+    p = sub.add_parser("sample", help="prompts -> PNG grid (deterministic ODE sampling)")
+    add_config_args(p)
+    p.add_argument("--model", help="model directory (default: the config's model.path / toy base)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: held-out prompts")
+    p.add_argument("--prompts", help="text file of prompts")
+    p.add_argument("--max-prompts", type=int, default=8)
+    p.add_argument("--per-prompt", type=int, default=4)
+    p.add_argument("--scale", type=int, default=3, help="pixel upscaling of the grid")
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--device")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("bench", help="speed of every mode (and --learning: reward vs wall time)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.add_argument("--learning", action="store_true", help="learning-efficiency run: reward vs seconds for every mode")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
+    p.add_argument("--out", default="runs/bench", help="where plots and raw results go")
+    p.set_defaults(func=_cmd_bench)
+
+    rewards = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", metavar="COMMAND", required=True)
+    p = rewards.add_parser("list", help="registered reward names")
+    p.set_defaults(func=_cmd_rewards_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from mixgrpo.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"mixgrpo: config error: {error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as error:
+        print(f"mixgrpo: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Toy-world rewards: what the prompt asks for, measured on pixels. Each is in [0, 1], 1 = perfect.
+
+Trained on (registered names):
+  - ``toy_object_color``: the non-background pixels have the object's colour, over at least
+    ``MIN_OBJECT_AREA`` pixels (no object scores 0).
+  - ``toy_background``: the share of pixels in the background colour, full marks from 75 %
+    (pushes towards small objects).
+  - ``toy_shape``: soft IoU of the object-coloured region with the prompt's shape drawn in a
+    *square* box fitted to that region (a template stretched to the region's bounding box was
+    gamed by tall bars), sharpened so that the nearest wrong shape scores about 0.
+  - ``toy_contrast``: an aesthetic, twice the standard deviation of luminance (pushes towards
+    large objects and extreme luminance, partly against the colour rewards).
+Never trained on:
+  - ``toy_heldout_realism`` (function ``realism``): the share of pixels within a tolerance of
+    one of the prompt's two colours; rendered images score ~0.95, noise, blur and
+    off-palette colours score low. A sanity check for reward hacking.
+
+Pixel-to-colour closeness is ``clamp(1 - |rgb - colour| / 0.6, 0, 1)``; palette colours are
+at least 1.0 apart. A row whose image holds a non-finite value scores NaN (a failed sample).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from mixgrpo.rewards.base import register_reward
+from mixgrpo.toy.world import SHAPES, color_tensor, parse_prompt, shape_coverage
+
+COLOR_TOLERANCE = 0.6  # RGB distance at which closeness reaches 0
+MIN_OBJECT_AREA = 40.0  # pixels an object needs for full object-colour marks
+BACKGROUND_FULL_MARKS = 0.75  # background share that earns 1.0
+SHAPE_IOU_FLOOR = 0.8  # IoU mapped to 0: a circle fitted with a square template scores ~0.78
+REALISM_TOLERANCE = 0.15  # RGB distance for a pixel to count as one of the prompt's colours
+LUMA = (0.299, 0.587, 0.114)
+
+# Template fits tried around the region's square box: size changes and centre shifts in pixels.
+_SIZE_DELTAS = (-1.0, -0.5, 0.0, 0.5, 1.0)
+_SHIFTS = (-0.5, 0.0, 0.5)
+
+
+@dataclass(frozen=True)
+class _Targets:
+    object_rgb: torch.Tensor  # (B, 3)
+    background_rgb: torch.Tensor  # (B, 3)
+    shape_ids: torch.Tensor  # (B,)
+
+
+def _targets(images: torch.Tensor, prompts: list[str]) -> _Targets:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"toy rewards take images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; pass one prompt per image")
+    parsed = [parse_prompt(p) for p in prompts]
+    return _Targets(
+        object_rgb=color_tensor([p.object_color for p in parsed]).to(images.device),
+        background_rgb=color_tensor([p.background for p in parsed]).to(images.device),
+        shape_ids=torch.tensor([SHAPES.index(p.shape) for p in parsed], device=images.device),
+    )
+
+
+def _distance(images: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
+    """Per-pixel RGB distance to one colour per row: (B, H, W)."""
+    return (images - rgb.view(-1, 3, 1, 1)).norm(dim=1)
+
+
+def _closeness(images: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
+    return (1 - _distance(images, rgb) / COLOR_TOLERANCE).clamp(min=0.0)
+
+
+def _failed_as_nan(images: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    failed = ~torch.isfinite(images).flatten(1).all(dim=1)
+    return scores.masked_fill(failed, float("nan"))
+
+
+def object_color(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Object-colour mass over the non-background mass (at least ``MIN_OBJECT_AREA``)."""
+    t = _targets(images, prompts)
+    foreground = 1 - _closeness(images, t.background_rgb)
+    on_color = foreground * _closeness(images, t.object_rgb)
+    score = on_color.sum((1, 2)) / foreground.sum((1, 2)).clamp(min=MIN_OBJECT_AREA)
+    return _failed_as_nan(images, score.clamp(0.0, 1.0))
+
+
+def background(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Share of background-coloured pixels, 1.0 from ``BACKGROUND_FULL_MARKS``."""
+    t = _targets(images, prompts)
+    share = _closeness(images, t.background_rgb).mean((1, 2))
+    return _failed_as_nan(images, (share / BACKGROUND_FULL_MARKS).clamp(0.0, 1.0))
+
+
+def _square_boxes(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Square box around each mask's bounding box: centres (B, 2) as (x, y), half-sides (B,), non-empty (B,)."""
+    rows, cols = mask.any(dim=2), mask.any(dim=1)
+    size = mask.shape[-1]
+
+    def span(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = hit.float().argmax(dim=1)
+        last = size - 1 - hit.flip(1).float().argmax(dim=1)
+        return first.float(), last.float() + 1
+
+    top, bottom = span(rows)
+    left, right = span(cols)
+    centers = torch.stack([(left + right) / 2, (top + bottom) / 2], dim=1)
+    half = torch.maximum(bottom - top, right - left) / 2
+    return centers, half, rows.any(dim=1)
+
+
+def _best_template_iou(region: torch.Tensor, shape_id: int) -> torch.Tensor:
+    """Soft IoU of ``region`` (B, H, W) with one shape drawn in its square box, best over small refits."""
+    b, size = region.shape[0], region.shape[-1]
+    centers, half, present = _square_boxes(region > 0.5)
+    fits = [(d, sx, sy) for d in _SIZE_DELTAS for sx in _SHIFTS for sy in _SHIFTS]
+    offsets = torch.tensor(fits, device=region.device)  # (F, 3)
+    fit_centers = (centers.unsqueeze(1) + offsets[:, 1:]).reshape(-1, 2)
+    fit_half = (half.unsqueeze(1) + offsets[:, 0] / 2).clamp(min=0.5).reshape(-1)
+    shape_ids = torch.full((fit_half.shape[0],), shape_id, device=region.device)
+    template = shape_coverage(shape_ids, fit_centers, fit_half, size).view(b, len(fits), size, size)
+    expanded = region.unsqueeze(1)
+    inter = torch.minimum(expanded, template).sum((2, 3))
+    union = torch.maximum(expanded, template).sum((2, 3)).clamp(min=1e-6)
+    return (inter / union).amax(dim=1) * present
+
+
+def shape(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """IoU of the object-coloured region with the prompt's shape in a square box, mapped so 0.8 -> 0, 1 -> 1."""
+    t = _targets(images, prompts)
+    region = _closeness(images, t.object_rgb)
+    ious = torch.stack([_best_template_iou(region, k) for k in range(len(SHAPES))], dim=1)
+    iou = ious.gather(1, t.shape_ids.view(-1, 1)).squeeze(1)
+    score = (iou - SHAPE_IOU_FLOOR) / (1 - SHAPE_IOU_FLOOR)
+    return _failed_as_nan(images, score.clamp(0.0, 1.0))
+
+
+def contrast(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Aesthetic: 2 x the standard deviation of luminance (1.0 = half black, half white)."""
+    _targets(images, prompts)
+    luma = (images * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(1)
+    return _failed_as_nan(images, (2 * luma.flatten(1).std(dim=1, unbiased=False)).clamp(0.0, 1.0))
+
+
+def realism(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Held-out sanity measure: share of pixels within 0.15 of the object or the background colour."""
+    t = _targets(images, prompts)
+    near = torch.minimum(_distance(images, t.object_rgb), _distance(images, t.background_rgb)) < REALISM_TOLERANCE
+    return _failed_as_nan(images, near.float().mean((1, 2)))
+
+
+class ToyReward:
+    """A toy reward with the registry's interface: ``reward(images, prompts) -> Tensor[B]``."""
+
+    def __init__(self, name: str, score: Callable[[torch.Tensor, list[str]], torch.Tensor]):
+        self.name = name
+        self._score = score
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self._score(images.float(), prompts)
+
+    def __repr__(self) -> str:
+        return f"ToyReward({self.name!r})"
+
+
+@register_reward("toy_object_color")
+def build_object_color() -> ToyReward:
+    return ToyReward("toy_object_color", object_color)
+
+
+@register_reward("toy_background")
+def build_background() -> ToyReward:
+    return ToyReward("toy_background", background)
+
+
+@register_reward("toy_shape")
+def build_shape() -> ToyReward:
+    return ToyReward("toy_shape", shape)
+
+
+@register_reward("toy_contrast")
+def build_contrast() -> ToyReward:
+    return ToyReward("toy_contrast", contrast)
+
+
+@register_reward("toy_heldout_realism")
+def build_realism() -> ToyReward:
+    return ToyReward("toy_heldout_realism", realism)
+
+
+TRAINING_REWARDS = ("toy_object_color", "toy_background", "toy_shape", "toy_contrast")
+HELDOUT_REWARDS = ("toy_heldout_realism",)
