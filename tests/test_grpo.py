@@ -151,7 +151,7 @@ def test_inputs_are_not_modified_and_no_grad_is_kept():
         ({}, [0, 0], {}, "rewards is empty"),
         ({"a": []}, [], {}, "empty batch"),
         ({"a": [1.0, 2.0, 3.0]}, [0, 0], {}, r"reward 'a' has shape \(3,\) but group_ids has 2"),
-        ({"a": [1.0, 2.0]}, [0, 0], {"weights": {"a": 1.0, "hps": 1.0}}, r"unknown rewards \['hps'\]; known rewards: a"),
+        ({"a": [1.0, 2.0]}, [0, 0], {"weights": {"a": 1.0, "hps": 1.0}}, r"unknown rewards \['hps'\]; known: a"),
         ({"a": [1.0, 2.0], "b": [1.0, 2.0]}, [0, 0], {"weights": {"a": 1.0}}, r"no weight for rewards \['b'\]"),
         ({"a": [1.0, 2.0]}, [0, 0], {"weights": {"a": -1.0}}, "finite and >= 0"),
         ({"a": [1.0, 2.0], "b": [1.0, 2.0]}, [0, 0], {"weights": {"a": 0.0, "b": 0.0}}, "all reward weights are 0"),
@@ -196,7 +196,8 @@ def test_clipping_on_hand_made_numbers():
     old = t([0.3, -0.1, 0.0, 2.0, -4.0])
     new = (old + torch.log(t(ratios))).requires_grad_()
     out = policy_loss(new, old, advantages, clip_range=0.1)
-    # max(-A r, -A clip(r)): A>0 r=1.5 -> -1.1 (clipped); A>0 r=0.5 -> -0.5; A<0 r=1.5 -> 1.5; A<0 r=0.5 -> 0.9 (clipped)
+    # max(-A r, -A clip(r)): A>0 r=1.5 -> -1.1 (clipped); A>0 r=0.5 -> -0.5;
+    # A<0 r=1.5 -> 1.5; A<0 r=0.5 -> 0.9 (clipped)
     # A=2 r=1.05 (inside) -> -2.1
     assert out.loss.item() == pytest.approx((-1.1 - 0.5 + 1.5 + 0.9 - 2.1) / 5, abs=1e-6)
     assert out.policy_loss == pytest.approx(-0.26, abs=1e-6)

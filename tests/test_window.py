@@ -81,7 +81,8 @@ def test_progressive_without_roll_back_clamps_at_T_minus_w():
 
 
 def test_stride_zero_and_frozen_stay_at_zero():
-    for window in (SlidingWindow(stride=0), SlidingWindow(strategy="frozen"), SlidingWindow(strategy="frozen", stride=3)):
+    frozen = (SlidingWindow(stride=0), SlidingWindow(strategy="frozen"), SlidingWindow(strategy="frozen", stride=3))
+    for window in frozen:
         assert window.schedule(ITERATIONS) == [range(0, 4)] * ITERATIONS
     assert SlidingWindow(strategy="frozen", size=6).steps(123) == range(0, 6)
 

@@ -110,7 +110,9 @@ def masked_group_stats(values: Tensor, valid: Tensor, index: Tensor, num_groups:
     return GroupStats(mean=mean, std=std, count=count.long())
 
 
-def normalise_in_groups(values: Tensor, valid: Tensor, index: Tensor, num_groups: int) -> tuple[Tensor, Tensor, GroupStats]:
+def normalise_in_groups(
+    values: Tensor, valid: Tensor, index: Tensor, num_groups: int
+) -> tuple[Tensor, Tensor, GroupStats]:
     """``(r - mean_group) / (std_group + 1e-8)`` over valid values.
 
     Returns the normalised values (0 where unusable), where they are usable (the value is valid
@@ -127,7 +129,7 @@ def _normalised_weights(names: list[str], weights: dict[str, float] | None) -> d
         return {name: 1.0 / len(names) for name in names}
     unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise ValueError(f"weights for unknown rewards {unknown}; known rewards: {', '.join(names)}")
+        raise ValueError(f"weights for unknown rewards {unknown}; known: {', '.join(names)}")
     missing = [name for name in names if name not in weights]
     if missing:
         raise ValueError(f"no weight for rewards {missing}; give every reward a weight (0 leaves one out)")
@@ -150,7 +152,9 @@ def _check_inputs(rewards: dict[str, Tensor], group_ids: Tensor, mix: str, on_fa
     if not clip > 0:
         raise ValueError(f"clip={clip} must be > 0 (advantages are clamped to +-clip; 5.0 in MixGRPO)")
     if group_ids.ndim != 1 or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
-        raise ValueError(f"group_ids must be a 1-D integer tensor, got shape {tuple(group_ids.shape)} {group_ids.dtype}")
+        raise ValueError(
+            f"group_ids must be a 1-D integer tensor, got shape {tuple(group_ids.shape)} {group_ids.dtype}"
+        )
     batch = group_ids.shape[0]
     if batch == 0:
         raise ValueError("empty batch: group_ids and rewards have no samples")
@@ -207,18 +211,19 @@ def group_advantages_with_stats(
                     "fix the reward model or set on_failure='mask' to leave those values out"
                 )
 
-    per_reward = {name: masked_group_stats(values[name], finite[name], index, num_groups) for name in names}
+    per_reward: dict[str, GroupStats] = {}
     mixed = None
     if mix == "advantage":
         weighted = torch.zeros(batch, dtype=torch.float64, device=device)
         weight_sum = torch.zeros(batch, dtype=torch.float64, device=device)
         for name in names:
-            advantage, usable, _ = normalise_in_groups(values[name], finite[name], index, num_groups)
+            advantage, usable, per_reward[name] = normalise_in_groups(values[name], finite[name], index, num_groups)
             weighted += normalised_weights[name] * advantage
             weight_sum += normalised_weights[name] * usable.to(torch.float64)
         valid = weight_sum > 0
         advantages = torch.where(valid, weighted / weight_sum.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
     else:
+        per_reward = {name: masked_group_stats(values[name], finite[name], index, num_groups) for name in names}
         all_finite = torch.stack([finite[name] for name in names]).all(dim=0)
         total = sum(normalised_weights[name] * torch.where(all_finite, values[name], 0.0) for name in names)
         advantages, valid, mixed = normalise_in_groups(total, all_finite, index, num_groups)

@@ -37,6 +37,26 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # --------------------------------------------------------------------------- small helpers
 
 
+class SectionTimer:
+    """Accumulates wall seconds per named section (model forward / backward, for the overhead figure)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.seconds: dict[str, float] = {}
+        self.sync = device is not None and device.type == "cuda"
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from any parts: ``sha256("seed/iteration/stream/...")``."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
@@ -119,9 +139,10 @@ def initial_noise(policy: FlowModel, groups: int, cfg: TrainConfig, generator: t
 
 @torch.no_grad()
 def rollout_phase(policy: FlowModel, prompts: list[str], cfg: TrainConfig, window: range, iteration: int,
-                  rank: int, device: torch.device, sigmas: torch.Tensor) -> RolloutBatch:
+                  rank: int, device: torch.device, sigmas: torch.Tensor, timer: SectionTimer | None = None) -> RolloutBatch:
     """Sample N images per prompt with the mixed ODE/SDE sampler of the old policy."""
     s = cfg.sampling
+    timer = timer or SectionTimer()
     group_cond = policy.encode_prompts(prompts)
     cond = repeat_conditioning(group_cond, s.group_size)
     generator = generator_for(cfg.seed, iteration, rank, "noise")
@@ -129,7 +150,7 @@ def rollout_phase(policy: FlowModel, prompts: list[str], cfg: TrainConfig, windo
 
     def velocity_fn(x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         rows_cond = cond if rows is None else index_conditioning(cond, rows.to(device))
-        with autocast_context(cfg, device):
+        with timer.section("forward"), autocast_context(cfg, device):
             return policy.velocity(x, sigma, rows_cond).float()
 
     rollout = mixed_rollout(
@@ -162,13 +183,15 @@ class UpdateStats:
 
 
 def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: RolloutBatch, advantages: torch.Tensor,
-                 cfg: TrainConfig, iteration: int, rank: int, device: torch.device) -> UpdateStats:
+                 cfg: TrainConfig, iteration: int, rank: int, device: torch.device,
+                 timer: SectionTimer | None = None) -> UpdateStats:
     """Clipped-ratio policy gradient on the window's log-probs, micro-batch by micro-batch.
 
     Loss per micro-batch and step: ``mean(max(-A*r, -A*clip(r, 1-eps, 1+eps)))``, divided by
     (steps x accumulation) so an optimiser step averages over both.
     """
     o, s = cfg.optim, cfg.sampling
+    timer = timer or SectionTimer()
     ro = batch.rollout
     window = ro.window
     step_fn = step_rule(cfg)
@@ -189,11 +212,12 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
                 k = i - window.start
                 x = ro.latents[rows, k].to(device)
                 x_next = ro.latents[rows, k + 1].to(device)
-                with autocast_context(cfg, device):
+                with timer.section("forward_train"), autocast_context(cfg, device):
                     v = policy.velocity(x, ro.sigmas[i], cond).float()
                 logp = step_fn(x, v, ro.sigmas, i, s.eta, prev_sample=x_next).log_prob
                 out = policy_loss(logp, ro.log_probs[rows, k].to(device), adv, clip_range=o.clip_range, kl_coeff=o.kl_coeff)
-                (out.loss / (len(steps) * len(group))).backward()
+                with timer.section("backward"):
+                    (out.loss / (len(steps) * len(group))).backward()
                 stats.nfe_train += 1
                 stats.ratios.append(out.ratio_mean)
                 clip_sum += out.clip_fraction
@@ -427,10 +451,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, device: str | None = None) 
         log.log({"iteration": 0, "held_out": held_out_before})
 
     for iteration in iterations_bar(start_iteration, cfg.max_iterations, cfg.progress_bar):
+        timer = SectionTimer(dev)
         t0 = time.perf_counter()
         steps = sde_window(cfg, window, iteration)
         prompts = choose_prompts(train_prompts, cfg.prompts_per_iteration, cfg.seed, iteration)
-        batch = rollout_phase(policy, prompts, cfg, steps, iteration, 0, dev, sigmas)
+        batch = rollout_phase(policy, prompts, cfg, steps, iteration, 0, dev, sigmas, timer)
         t1 = time.perf_counter()
         scores = score_phase(all_rewards, batch.images, batch.prompts)
         optimised = {name: scores[name] for name in rewards}
@@ -438,7 +463,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, device: str | None = None) 
             optimised, batch.group_ids, weights=cfg.rewards.weights or None, mix=cfg.rewards.mix,
             clip=cfg.rewards.advantage_clip, on_failure=cfg.rewards.on_failure)
         t2 = time.perf_counter()
-        update = update_phase(policy, optimizer, batch, advantages, cfg, iteration, 0, dev)
+        update = update_phase(policy, optimizer, batch, advantages, cfg, iteration, 0, dev, timer)
         t3 = time.perf_counter()
 
         record = {
@@ -451,7 +476,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, device: str | None = None) 
             "loss": update.loss, "ratio_mean": update.ratio_mean, "ratio_first_microbatch": update.ratio_first_microbatch,
             "clip_fraction": update.clip_fraction, "approx_kl": update.approx_kl, "grad_norm": update.grad_norm,
             "optimizer_steps": update.optimizer_steps,
-            "seconds": {"rollout": t1 - t0, "reward": t2 - t1, "train": t3 - t2, "total": t3 - t0},
+            "seconds": {"rollout": t1 - t0, "reward": t2 - t1, "train": t3 - t2, "total": t3 - t0,
+                        **{f"model_{name}": value for name, value in timer.seconds.items()}},
         }
         done = iteration + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_iterations:

