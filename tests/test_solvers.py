@@ -10,6 +10,8 @@ from gaussian_flow import gaussian_flow_endpoint, gaussian_velocity
 from mixgrpo.sampling import flow_sigmas, ode_step
 from mixgrpo.solvers import data_prediction, dpm_solver_step, first_order_update, step_order
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 warning inside diffusers
+
 SCALE = 0.7
 CONFIGS = [(1, "midpoint"), (2, "midpoint"), (2, "heun"), (3, "midpoint")]
 

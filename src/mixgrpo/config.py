@@ -99,7 +99,7 @@ class RewardConfig:
     advantage_clip: float = 5.0
     on_failure: Literal["mask", "raise"] = "mask"
     """A reward that fails for a sample is masked out of the statistics, or stops the run."""
-    held_out: list[str] = field(default_factory=lambda: ["toy_realism"])
+    held_out: list[str] = field(default_factory=lambda: ["toy_heldout_realism"])
     """Measured every iteration but never optimised (to spot reward hacking)."""
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Keyword arguments per reward name (e.g. weight directories, endpoints)."""
@@ -351,6 +351,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (not s.shared_prefix or s.init_same_noise, "sampling.shared_prefix needs sampling.init_same_noise=true (the group must start from one noise)"),
         (s.post_solver != "dpmsolver++" or (s.post_ratio is not None and 0 < s.post_ratio <= 1),
          "sampling.post_solver=dpmsolver++ needs sampling.post_ratio in (0, 1] (Flash 0.4, Flash* 0.2)"),
+        (s.post_solver == "dpmsolver++" or s.post_ratio is None,
+         "sampling.post_ratio only applies to post_solver=dpmsolver++; set sampling.post_ratio=null or post_solver=dpmsolver++"),
         (s.solver_order in (1, 2, 3), "sampling.solver_order must be 1, 2 or 3"),
         (w.strategy == "all" or 1 <= w.size <= s.num_steps - 2, f"window.size must be in [1, num_steps-2={s.num_steps - 2}]"),
         (0 < w.train_fraction <= 1, "window.train_fraction must be in (0, 1]"),

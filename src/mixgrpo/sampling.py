@@ -57,14 +57,14 @@ def _check_window(window: range, num_steps: int) -> None:
 
 
 def flash_sigmas(sigmas_or_num_steps: Tensor | int, shift: float, window: range, ratio: float) -> Tensor:
-    """MixGRPO-Flash schedule (spec §6): ``sigmas[:last+1]`` followed by a compressed post-window part.
+    """MixGRPO-Flash schedule (spec §6): the schedule up to the window's end, then a compressed tail.
 
-    last = window[-1] (= window.stop - 1, also for an empty window); n = int(max((T - last)*ratio, 1))
-    points linspace(s[last+1], 0, n) in the unshifted time s = linspace(1, 0, T+1), then shifted.
-    Deviation from the reference: n is at least 2 so the schedule always ends at sigma = 0 (the reference's
-    n = 1 stops at sigma[last+1], leaving the final latent noisy); when the window reaches the last step
-    there is nothing after it and ``sigmas`` is returned unchanged. ``sigmas[last+1]`` itself is kept, so
-    the window steps are identical to the uncompressed schedule.
+    last = window.stop - 1 (also for an empty window); n = max(int((T - last)*ratio), 2) points
+    linspace(s[last+1], 0, n) in the unshifted time s = linspace(1, 0, T+1), then shifted. The first of
+    them is ``sigmas[last+1]`` itself, so the window's steps are those of the uncompressed schedule.
+    Deviation: spec and reference write n = int(max((T - last)*ratio, 1)), whose n = 1 stops at
+    sigma[last+1] and leaves the final latent noisy; n >= 2 always ends at 0. A window that reaches the
+    last step leaves ``sigmas`` unchanged.
     """
     if isinstance(sigmas_or_num_steps, int):
         sigmas = flow_sigmas(sigmas_or_num_steps, shift)
@@ -109,6 +109,15 @@ def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
+def draw_noise(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """eps ~ N(0, I) in float32, drawn on the generator's device and moved to ``device``.
+
+    A CPU generator thus gives the same noise whether the latents live on the CPU or a GPU.
+    """
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=source).to(device)
+
+
 def _step_interval(sigmas: Tensor, i: int) -> tuple[Tensor, Tensor]:
     if not 0 <= i < len(sigmas) - 1:
         raise ValueError(f"step index {i} is outside the {len(sigmas) - 1}-step schedule")
@@ -125,7 +134,8 @@ def _gaussian_step(
     generator: torch.Generator | None,
 ) -> StepOutput:
     """Draw x_next = mean + std*eps (or take prev_sample) and score it; the log-prob is of the returned sample."""
-    given = [name for name, value in (("noise", noise), ("prev_sample", prev_sample), ("generator", generator)) if value is not None]
+    sources = {"noise": noise, "prev_sample": prev_sample, "generator": generator}
+    given = [name for name, value in sources.items() if value is not None]
     if len(given) > 1:
         raise ValueError(
             f"pass at most one of noise, prev_sample, generator (got {', '.join(given)}): "
@@ -136,7 +146,7 @@ def _gaussian_step(
             raise ValueError(f"{name} must have the latent's shape {tuple(x.shape)}, got {tuple(value.shape)}")
     if prev_sample is None:
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+            noise = draw_noise(x.shape, generator, x.device)
         prev_sample = (mean + std * noise.float()).to(x.dtype)
     return StepOutput(sample=prev_sample, mean=mean, std=std, log_prob=gaussian_log_prob(prev_sample, mean, std))
 
@@ -277,7 +287,8 @@ def mixed_rollout(
     - ``velocity_fn(x, sigma) -> v``, ``sigma`` the 0-dim float32 schedule value.
     - ``post_solver="dpmsolver++"`` (MixGRPO-Flash): DPM-Solver++ of ``solver_order`` on
       ``flash_sigmas(sigmas, shift, window, post_ratio)``; its x0 history is filled from the first step on.
-    - SDE noise: ``torch.randn(latents.shape, generator=generator)`` once per window step, full batch.
+    - SDE noise: ``draw_noise(latents.shape, generator, ...)`` (float32 ``torch.randn`` on the generator's
+      device) once per window step for the full batch, so shared and unshared rollouts draw the same noise.
     - ``group_size=N`` (shared prefix): rows are G groups of N identical latents (group-major); the steps
       before the window run once per group as ``velocity_fn(x[G], sigma, rows=arange(0, B, N))`` and the
       trajectories branch at the window start. Same result as without it, G*(l + N*(T - l)) row
@@ -290,10 +301,12 @@ def mixed_rollout(
     _check_rollout_options(sde_type, post_solver, solver_order, solver_type, post_ratio)
     sigmas = sigmas.float()
     if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"sigmas must be a 1-D schedule of T+1 >= 2 values (flow_sigmas), got shape {tuple(sigmas.shape)}")
+        raise ValueError(f"sigmas must be a 1-D schedule of T+1 >= 2 values (flow_sigmas), got {tuple(sigmas.shape)}")
     _check_window(window, len(sigmas) - 1)
     if len(window) > 0:
         _check_eta(eta)
+    if latents.ndim < 2:
+        raise ValueError(f"latents must have shape (B, ...) with a non-batch dim, got {tuple(latents.shape)}")
     schedule = sigmas if post_solver == "euler" else flash_sigmas(sigmas, shift, window, post_ratio)
     sde = _SDE_STEPS[sde_type]
 
@@ -318,7 +331,7 @@ def mixed_rollout(
         if post_solver == "dpmsolver++":
             history = (history + [pred_x0])[-solver_order:]
         if i in window:
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32, device=latents.device)
+            noise = draw_noise(latents.shape, generator, latents.device)
             step = sde(x, v, schedule, i, eta, noise=noise)
             x = step.sample
             window_latents.append(x)
@@ -329,13 +342,15 @@ def mixed_rollout(
             x = dpm_solver_step(x, history, schedule, i, solver_order, solver_type)
     if window.start == num_steps:  # empty window at the very end: nothing was stepped after it
         if rows is not None:
-            x, pred_x0 = x.repeat_interleave(group_size, dim=0), pred_x0.repeat_interleave(group_size, dim=0)
+            x = x.repeat_interleave(group_size, dim=0)
+            pred_x0 = pred_x0.repeat_interleave(group_size, dim=0)
         window_latents.append(x)
 
+    empty = latents.new_zeros((len(latents), 0), dtype=torch.float32)
     return Rollout(
         sample=x,
         latents=torch.stack(window_latents, dim=1),
-        log_probs=torch.stack(log_probs, dim=1) if log_probs else torch.zeros(latents.shape[0], 0, device=latents.device),
+        log_probs=torch.stack(log_probs, dim=1) if log_probs else empty,
         window=window,
         sigmas=schedule,
         nfe=num_steps,

@@ -283,7 +283,7 @@ def open_store(uri: str | os.PathLike[str], settings: S3Settings | None = None) 
         if parsed.netloc not in ("", "localhost"):
             raise StorageError(f"file URI {text!r} names host {parsed.netloc!r}: use file:///ABSOLUTE/PATH")
         return FileStore(unquote(parsed.path))
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+    if parsed.scheme == "":
         return FileStore(text)
     raise StorageError(f"unsupported storage URI {text!r}: use s3://BUCKET/PREFIX, file:///PATH or a local path")
 
@@ -292,9 +292,10 @@ def _check_key(key: str, *, allow_empty: bool = False) -> str:
     """Validate a relative key; returns it unchanged."""
     if not key and allow_empty:
         return key
-    parts = key.split("/")
-    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in ("", ".", ".."):
-        raise StorageError(f"invalid object key {key!r}: use a relative path like 'dir/file.bin' without '.', '..' or '//'")
+    if "\\" in key or any(part in ("", ".", "..") for part in key.split("/")):
+        raise StorageError(
+            f"invalid object key {key!r}: use a relative path like 'dir/file.bin' without '.', '..' or '//'"
+        )
     return key
 
 
@@ -735,7 +736,10 @@ def publish_dir(
 
 def read_manifest(uri: str, settings: S3Settings | None = None) -> Manifest:
     """The manifest of a published directory; :class:`NotFoundError` if it is incomplete."""
-    store = open_store(uri, settings)
+    return _read_manifest(open_store(uri, settings))
+
+
+def _read_manifest(store: ObjectStore) -> Manifest:
     try:
         data = store.get_bytes(MANIFEST_NAME)
     except BucketNotFoundError:
@@ -762,7 +766,7 @@ def fetch_dir(
     a size / sha256 mismatch. The manifest is written to ``local_dir`` last.
     """
     store = open_store(uri, settings)
-    manifest = read_manifest(uri, settings)
+    manifest = _read_manifest(store)
     root = Path(local_dir)
     reused = 0
     for entry in manifest.files:

@@ -222,7 +222,7 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
                 stats.ratios.append(out.ratio_mean)
                 clip_sum += out.clip_fraction
                 kl_sum += out.approx_kl
-                loss_sum += float(out.loss)
+                loss_sum += float(out.loss.detach())
                 terms += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, o.max_grad_norm)
         optimizer.step()

@@ -189,10 +189,11 @@ class ToyFlowModel:
         return (GRID * GRID, CHANNELS)
 
     def condition(self, prompts: list[str]) -> Conditioning:
-        """Text conditioning with gradients to the text encoder (pre-training)."""
+        """Text conditioning with gradients to the text encoder (pre-training), on the transformer's device."""
         tokens = self.tokenizer(prompts)
-        tokens = TokenBatch(ids=tokens.ids.to(self.device), roles=tokens.roles.to(self.device))
-        return self.text_encoder(tokens)
+        encoder_device = self.text_encoder.token_embedding.weight.device
+        cond = self.text_encoder(TokenBatch(ids=tokens.ids.to(encoder_device), roles=tokens.roles.to(encoder_device)))
+        return {key: value.to(self.device) for key, value in cond.items()}
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Frozen text conditioning, as the trainer uses it."""

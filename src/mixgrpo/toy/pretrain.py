@@ -143,9 +143,13 @@ def config_key(config: PretrainConfig, seed: int) -> str:
 
 
 def ensure_base_model(
-    cache_dir: str | Path | None = None, config: PretrainConfig | None = None, seed: int = 0, progress: bool = True
+    cache_dir: str | Path | None = None,
+    config: PretrainConfig | None = None,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
 ) -> Path:
-    """The cached base model's directory, pre-training it first if it is missing.
+    """The cached base model's directory, pre-training it first if it is missing (or if ``force``).
 
     The model is written to a temporary directory beside the target and renamed into place,
     so a crash never leaves a half-written model; when two processes race, the first rename wins.
@@ -153,12 +157,16 @@ def ensure_base_model(
     config = config or PretrainConfig()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"toy-base-{config_key(config, seed)}"
-    if (target / "toy_model.json").is_file():
+    if (target / "toy_model.json").is_file() and not force:
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
         pretrain_base_model(config, staging, seed=seed, progress=progress)
+        if force and target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=root))
+            os.rename(target, retired / "model")
+            shutil.rmtree(retired)
         os.rename(staging, target)
     except OSError:
         if not (target / "toy_model.json").is_file():

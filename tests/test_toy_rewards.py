@@ -1,0 +1,114 @@
+"""Toy rewards: high on rendered ground truth, low on wrong colours, shapes and noise; the registry."""
+
+import math
+
+import pytest
+import torch
+
+from mixgrpo.rewards import available_rewards, build_reward
+from mixgrpo.toy.rewards import HELDOUT_REWARDS, TRAINING_REWARDS, background, contrast, object_color, realism, shape
+from mixgrpo.toy.world import all_prompts, color_tensor, parse_prompt, render_batch
+
+ALL = TRAINING_REWARDS + HELDOUT_REWARDS
+
+
+def rendered(prompts, seed=0):
+    return render_batch([parse_prompt(p) for p in prompts], torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def world():
+    prompts = all_prompts()
+    return prompts, rendered(prompts)
+
+
+def test_ground_truth_scores_high(world):
+    prompts, images = world
+    assert object_color(images, prompts).min() > 0.95
+    assert shape(images, prompts).mean() > 0.9 and shape(images, prompts).min() > 0.75
+    assert background(images, prompts).mean() > 0.95 and background(images, prompts).min() > 0.75
+    assert realism(images, prompts).min() > 0.9
+
+
+def test_wrong_object_colour_scores_low():
+    images = rendered(["a green circle on a blue background"] * 4)
+    prompts = ["a red circle on a blue background"] * 4
+    assert object_color(images, prompts).max() < 0.05
+    assert shape(images, prompts).max() == 0  # no red region to fit
+    assert background(images, prompts).min() > 0.75  # the background is right
+
+
+def test_wrong_background_scores_low():
+    images = rendered(["a red circle on a green background"] * 4)
+    prompts = ["a red circle on a blue background"] * 4
+    assert background(images, prompts).max() < 0.05
+    assert realism(images, prompts).max() < 0.4
+
+
+@pytest.mark.parametrize("drawn,asked", [("circle", "square"), ("square", "triangle"), ("triangle", "circle"),
+                                         ("circle", "triangle"), ("square", "circle"), ("triangle", "square")])
+def test_wrong_shape_scores_low_and_right_shape_high(drawn, asked):
+    images = rendered([f"a white {drawn} on a black background"] * 8)
+    assert shape(images, [f"a white {asked} on a black background"] * 8).max() < 0.35
+    assert shape(images, [f"a white {drawn} on a black background"] * 8).min() > 0.75
+
+
+def test_noise_scores_low_on_everything_but_contrast(world):
+    prompts, _ = world
+    noise = torch.rand(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert object_color(noise, prompts).mean() < 0.2
+    assert background(noise, prompts).max() < 0.1
+    assert shape(noise, prompts).max() < 0.1
+    assert realism(noise, prompts).max() < 0.05
+
+
+def test_a_tall_bar_does_not_pass_for_any_shape():
+    # A template stretched to the region's bounding box was gamed by bars; ours stays square.
+    red, blue = color_tensor(["red", "blue"])
+    bar = blue.view(1, 3, 1, 1).repeat(1, 1, 32, 32)
+    bar[:, :, 2:30, 12:18] = red.view(1, 3, 1, 1)
+    for name in ("circle", "square", "triangle"):
+        assert shape(bar, [f"a red {name} on a blue background"]).item() < 0.05
+
+
+def test_contrast_is_one_for_half_black_half_white_and_zero_for_flat():
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, :, :, 16:] = 1.0
+    images[1] = 0.5
+    scores = contrast(images, ["a white square on a black background"] * 2)
+    assert scores.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+def test_blur_is_caught_by_shape_and_realism(world):
+    prompts, images = world
+    blurred = torch.nn.functional.avg_pool2d(images, 3, 1, 1, count_include_pad=False)
+    assert shape(blurred, prompts).mean() < shape(images, prompts).mean() - 0.3
+    assert realism(blurred, prompts).mean() < realism(images, prompts).mean() - 0.05
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_registered_rewards_are_vectorised_bounded_and_mark_failed_rows(name, world):
+    assert name in available_rewards()
+    reward = build_reward(name)
+    assert reward.name == name
+    prompts, images = world
+    images = images[:12].clone()
+    images[3] = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    prompts = prompts[:12]
+    batch = reward(images, prompts)
+    assert batch.shape == (12,) and batch.min() >= 0 and batch.max() <= 1
+    rows = torch.cat([reward(images[i : i + 1], prompts[i : i + 1]) for i in range(12)])
+    assert torch.allclose(batch, rows, atol=1e-6)
+    images[5, 0, 0, 0] = math.nan
+    marked = reward(images, prompts)
+    assert torch.isnan(marked[5]) and not torch.isnan(marked[torch.arange(12) != 5]).any()
+
+
+def test_rewards_name_the_fix_for_bad_inputs():
+    reward = build_reward("toy_shape")
+    with pytest.raises(ValueError, match="one prompt per image"):
+        reward(torch.rand(2, 3, 32, 32), ["a red circle on a blue background"])
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        reward(torch.rand(3, 32, 32), ["a red circle on a blue background"])
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        reward(torch.rand(1, 3, 32, 32), ["a cat"])
