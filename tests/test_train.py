@@ -1,0 +1,145 @@
+"""The training loop on a tiny toy model: it learns something, stops, checkpoints and resumes bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixgrpo.config import load_config
+from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
+from mixgrpo.train import checkpoint_dirs, derive_seed, train, trained_steps
+
+TINY = ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_toy_model(ToyFlowModel(TINY), tmp_path_factory.mktemp("tiny") / "model")
+
+
+def tiny_config(model_dir: Path, output_dir: Path, **overrides):
+    values = {
+        "model.path": str(model_dir), "output_dir": str(output_dir), "max_iterations": 3,
+        "prompts_per_iteration": 2, "sampling.group_size": 4, "sampling.num_steps": 8,
+        "window.size": 2, "window.shift_interval": 1, "optim.train_batch_size": 4,
+        "checkpoint_every": 1, "eval_images_per_prompt": 1, "progress_bar": False,
+        "rewards.names": ["toy_object_color", "toy_background"], "rewards.held_out": ["toy_heldout_realism"],
+    }
+    values.update(overrides)
+    return load_config(overrides=values)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint_dirs(output_dir)[-1] / "model.safetensors")
+
+
+def test_iterations_update_every_parameter_and_log_metrics(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", **{"optim.lr": 1e-3})
+    result = train(cfg)
+    before = load_file(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    after = final_state(tmp_path / "run")
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, f"parameters never updated: {unchanged}"
+
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["iteration"] for r in records] == [1, 2, 3]                    # stops at max_iterations
+    assert [(r["window_start"], r["window_stop"]) for r in records] == [(0, 2), (1, 3), (2, 4)]
+    for r in records:
+        assert r["nfe_old"] == 8 and r["nfe_train"] == 2 * 2                 # 2 micro-batches x 2 window steps
+        assert r["ratio_first_microbatch"] == 1.0                            # old log-probs come from the rollout
+        assert r["optimizer_steps"] == 2
+        assert set(r["rewards"]) == {"toy_object_color", "toy_background", "toy_heldout_realism"}
+        assert r["grad_norm"] > 0 and r["seconds"]["total"] > 0
+    # after the first optimiser step of an iteration the policy moved: ratios drift from 1
+    assert any(abs(r["ratio_mean"] - 1.0) > 1e-7 for r in records)
+    assert (result.final_weights / "transformer" / "config.json").is_file()
+    assert set(result.held_out_after) == {"toy_object_color", "toy_background", "toy_heldout_realism"}
+
+
+def test_resume_is_bit_for_bit(tiny_model_dir, tmp_path):
+    straight = tiny_config(tiny_model_dir, tmp_path / "straight", max_iterations=4, checkpoint_every=2)
+    train(straight)
+    first_half = tiny_config(tiny_model_dir, tmp_path / "resumed", max_iterations=2, checkpoint_every=2)
+    train(first_half)
+    second_half = tiny_config(tiny_model_dir, tmp_path / "resumed", max_iterations=4, checkpoint_every=2)
+    train(second_half, resume=True)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed_iterations = [r["iteration"] for r in read_metrics(tmp_path / "resumed") if "loss" in r]
+    assert resumed_iterations == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
+    """SIGKILL a real training process after its second checkpoint; --resume finishes it identically."""
+    args = [f"model.path={tiny_model_dir}", "max_iterations=5", "prompts_per_iteration=2", "sampling.group_size=4",
+            "sampling.num_steps=8", "window.size=2", "window.shift_interval=1", "optim.train_batch_size=4",
+            "checkpoint_every=1", "eval_images_per_prompt=1", "progress_bar=false",
+            "rewards.names=[toy_object_color]", "rewards.held_out=[]"]
+    command = [sys.executable, "-m", "mixgrpo.cli", "train"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(command + args + [f"output_dir={tmp_path / 'straight'}"], check=True, env=env, capture_output=True)
+
+    victim = subprocess.Popen(command + args + [f"output_dir={tmp_path / 'killed'}"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(checkpoint_dirs(tmp_path / "killed")) < 2:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    done = checkpoint_dirs(tmp_path / "killed")
+    assert done and int(done[-1].name.split("-")[1]) < 5, "the run finished before it could be killed"
+    resumed = subprocess.run(command + args + [f"output_dir={tmp_path / 'killed'}", "--resume"], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dancegrpo_trains_sixty_percent_of_transitions(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "dance", mode="dancegrpo", max_iterations=1, checkpoint_every=0)
+    train(cfg)
+    record = [r for r in read_metrics(tmp_path / "dance") if "loss" in r][0]
+    assert (record["window_start"], record["window_stop"]) == (0, 8)          # every step is SDE
+    assert record["nfe_train"] == 2 * int(7 * 0.6)                            # 2 micro-batches x 4 of 7 transitions
+    steps = trained_steps(cfg, range(0, 8), torch.Generator().manual_seed(derive_seed(1)))
+    assert len(steps) == 4 and len(set(steps)) == 4 and max(steps) <= 6
+
+
+@pytest.mark.parametrize("mode, nfe_old", [("mixgrpo-flash", None), ("mixgrpo-flash-star", None)])
+def test_flash_modes_use_fewer_evaluations(tiny_model_dir, tmp_path, mode, nfe_old):
+    cfg = tiny_config(tiny_model_dir, tmp_path / mode, mode=mode, max_iterations=1, checkpoint_every=0)
+    train(cfg)
+    record = [r for r in read_metrics(tmp_path / mode) if "loss" in r][0]
+    assert record["nfe_old"] < 8 and record["ratio_first_microbatch"] == 1.0
+
+
+def test_shared_prefix_saves_row_evaluations(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "late", max_iterations=4, checkpoint_every=0)
+    train(cfg)
+    record = [r for r in read_metrics(tmp_path / "late") if "loss" in r][-1]
+    left, groups, n, steps = record["window_start"], 2, 4, 8
+    assert left == 3
+    assert record["row_evals_old"] == groups * (left + n * (steps - left))   # prefix once per group
+
+
+def test_unknown_reward_is_a_clear_error(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "bad", **{"rewards.names": ["toy_nope"]})
+    with pytest.raises(ValueError, match="unknown reward 'toy_nope'; known rewards: .*toy_object_color"):
+        train(cfg)
