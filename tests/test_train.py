@@ -143,3 +143,31 @@ def test_unknown_reward_is_a_clear_error(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path / "bad", **{"rewards.names": ["toy_nope"]})
     with pytest.raises(ValueError, match="unknown reward 'toy_nope'; known rewards: .*toy_object_color"):
         train(cfg)
+
+
+def test_evaluate_writes_metrics_grid_and_report(tiny_model_dir, tmp_path):
+    from mixgrpo.evaluate import evaluate
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", max_iterations=2, **{"optim.lr": 1e-3})
+    trained = train(cfg)
+    result = evaluate(cfg, trained.final_weights, tmp_path / "eval", images_per_prompt=2,
+                      training_metrics=tmp_path / "run" / "metrics.jsonl", grid_prompts=3)
+    names = {"toy_object_color", "toy_background", "toy_heldout_realism"}
+    assert set(result.base) == set(result.tuned) == names
+    for name in names:
+        assert result.delta[name] == pytest.approx(result.tuned[name] - result.base[name])
+    assert result.base != result.tuned                                   # the tuned weights were really loaded
+    same = evaluate(cfg, tiny_model_dir, tmp_path / "eval-same", images_per_prompt=1)
+    assert all(abs(v) < 1e-6 for v in same.delta.values())              # same weights + same seeds -> same scores
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["tuned"] == result.tuned
+    for name in ("grid.png", "rewards.png", "report.md", "report.html"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert "toy_heldout_realism (held-out, not optimised)" in (tmp_path / "eval" / "report.md").read_text()
+    assert "data:image/png;base64," in (tmp_path / "eval" / "report.html").read_text()
+    hybrid = evaluate(cfg, trained.final_weights, tmp_path / "eval-hybrid", images_per_prompt=1, hybrid_steps=4)
+    assert hybrid.hybrid_steps == 4
+    with pytest.raises(ValueError, match="hybrid_steps must be in"):
+        evaluate(cfg, trained.final_weights, tmp_path / "bad", hybrid_steps=8)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        evaluate(cfg, tmp_path / "nowhere", tmp_path / "bad2")

@@ -60,6 +60,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mixgrpo.config import load_config
+    from mixgrpo.evaluate import evaluate, metrics_table
+
+    cfg = load_config(args.config, args.overrides)
+    prompts = None
+    if args.prompts:
+        from mixgrpo.train import load_prompts
+
+        prompts = load_prompts(args.prompts, "test")
+    result = evaluate(cfg, args.tuned, args.out, prompts=prompts, images_per_prompt=args.images_per_prompt,
+                      hybrid_steps=args.hybrid_steps, training_metrics=args.training_metrics, device=args.device)
+    print(metrics_table(result))
+    print(f"\nreport: {Path(args.out) / 'report.md'} (and report.html, grid.png)")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from mixgrpo.bench import main as bench_main
 
@@ -114,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png")
     p.add_argument("--device")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("evaluate", help="base vs tuned on held-out prompts with every configured reward")
+    add_config_args(p)
+    p.add_argument("--tuned", required=True, help="the tuned model directory (OUTPUT_DIR/final)")
+    p.add_argument("--out", required=True, help="where metrics.json, report.md/.html and grid.png go")
+    p.add_argument("--prompts", help="held-out prompt file (default: the config's eval_prompts / toy held-out split)")
+    p.add_argument("--images-per-prompt", type=int, default=2)
+    p.add_argument("--hybrid-steps", type=int, help="tuned model for the first K steps, base for the rest")
+    p.add_argument("--training-metrics", help="metrics.jsonl of the training run (for the reward curve)")
+    p.add_argument("--device")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("bench", help="speed of every mode (and --learning: reward vs wall time)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")

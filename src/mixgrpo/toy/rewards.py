@@ -7,7 +7,8 @@ Trained on (registered names):
     (pushes towards small objects).
   - ``toy_shape``: soft IoU of the object-coloured region with the prompt's shape drawn in a
     *square* box fitted to that region (a template stretched to the region's bounding box was
-    gamed by tall bars), sharpened so that the nearest wrong shape scores about 0.
+    gamed by tall bars), rescaled so IoU 0.5 scores 0. Rendered shapes score ~0.97, the
+    nearest wrong shape 0.4-0.7 (a circle covers 83 % of its equal-area square), blobs ~0.2.
   - ``toy_contrast``: an aesthetic, twice the standard deviation of luminance (pushes towards
     large objects and extreme luminance, partly against the colour rewards).
 Never trained on:
@@ -33,7 +34,7 @@ from mixgrpo.toy.world import SHAPES, color_tensor, parse_prompt, shape_coverage
 COLOR_TOLERANCE = 0.6  # RGB distance at which closeness reaches 0
 MIN_OBJECT_AREA = 40.0  # pixels an object needs for full object-colour marks
 BACKGROUND_FULL_MARKS = 0.75  # background share that earns 1.0
-SHAPE_IOU_FLOOR = 0.8  # IoU mapped to 0: a circle fitted with a square template scores ~0.78
+SHAPE_IOU_FLOOR = 0.5  # IoU mapped to 0 (chance-level overlap); a circle fits a square template at ~0.83
 REALISM_TOLERANCE = 0.15  # RGB distance for a pixel to count as one of the prompt's colours
 LUMA = (0.299, 0.587, 0.114)
 
@@ -142,7 +143,7 @@ def _template_iou(region: torch.Tensor, shape_id: int) -> torch.Tensor:
 
 
 def shape(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """IoU of the object region with the prompt's shape fitted in a square box; IoU 0.8 -> 0, 1 -> 1.
+    """IoU of the object region with the prompt's shape fitted in a square box; IoU 0.5 -> 0, 1 -> 1.
 
     Faint pixels are dropped first (``_drop_faint``), so haze neither adds area nor moves the centroid.
     """
