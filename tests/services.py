@@ -1,4 +1,5 @@
-"""Real services for tests, started on 127.0.0.1 on free ports: a SeaweedFS S3 server.
+"""Real services for tests, started on 127.0.0.1 on free ports: a SeaweedFS S3 server and an
+MLflow tracking server (sqlite backend, artifacts in the S3 server).
 
 Usage::
 
@@ -11,6 +12,9 @@ upload (like AWS S3). ``stop(kill=True)`` simulates a crash; ``start()`` again r
 ports and data directory, so a client sees the server come back. Right after a restart, reads of
 existing objects can answer 500 InternalError for a moment (volumes re-registering under load):
 clients should retry, as ``mixgrpo.storage`` does.
+
+    with MLflowServer(tmp_path / "mlflow", s3.endpoint, bucket="data") as mlflow:
+        client = mlflow.client()   # or MLFLOW_TRACKING_URI=mlflow.uri
 """
 
 from __future__ import annotations
@@ -201,6 +205,116 @@ class SeaweedFS:
         return False
 
     def _log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def mlflow_binary() -> str | None:
+    """Path of the ``mlflow`` CLI (next to this Python, else on PATH), or None."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.is_file() else shutil.which("mlflow")
+
+
+class MLflowServer:
+    """``mlflow server`` on 127.0.0.1: sqlite backend store, artifacts proxied to ``s3://BUCKET/artifacts``."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        s3: S3Endpoint,
+        bucket: str,
+        start_timeout_s: float = 90.0,
+    ) -> None:
+        binary = mlflow_binary()
+        if binary is None:
+            raise FileNotFoundError("MLflow CLI 'mlflow' not found: install mlflow into the venv")
+        self.binary = binary
+        self.data_dir = Path(data_dir).resolve()
+        self.s3 = s3
+        self.bucket = bucket
+        self.start_timeout_s = start_timeout_s
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def artifacts_uri(self) -> str:
+        return f"s3://{self.bucket}/artifacts"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "mlflow.log"
+
+    def start(self) -> MLflowServer:
+        """Start and wait until ``/health`` answers OK (about 8 s on 2 cores)."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_ports(1)[0]
+        cmd = [
+            self.binary, "server", "--backend-store-uri", f"sqlite:///{self.data_dir / 'mlflow.db'}",
+            "--artifacts-destination", self.artifacts_uri, "--host", LOOPBACK, "--port", str(self.port),
+            "--workers", "1",
+        ]
+        env = {**os.environ, **self.s3.env()}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        env.pop("MLFLOW_TRACKING_TOKEN", None)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                cmd, cwd=self.data_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        if not self._wait_ready():
+            self.stop()
+            raise RuntimeError(f"MLflow server did not start on {self.uri}; log {self.log_path}:\n{self._log_tail()}")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group (uvicorn workers included) and wait."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+    def client(self):  # noqa: ANN201 - mlflow.MlflowClient
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def __enter__(self) -> MLflowServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> bool:
+        import urllib.request
+
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                return False
+            if port_open(self.port):
+                try:
+                    with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                        if response.status == 200:
+                            return True
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        return False
+
+    def _log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:

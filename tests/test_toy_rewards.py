@@ -83,7 +83,7 @@ def test_contrast_is_one_for_half_black_half_white_and_zero_for_flat():
 def test_blur_is_caught_by_shape_and_realism(world):
     prompts, images = world
     blurred = torch.nn.functional.avg_pool2d(images, 3, 1, 1, count_include_pad=False)
-    assert shape(blurred, prompts).mean() < shape(images, prompts).mean() - 0.3
+    assert shape(blurred, prompts).mean() < shape(images, prompts).mean() - 0.1
     assert realism(blurred, prompts).mean() < realism(images, prompts).mean() - 0.05
 
 

@@ -91,6 +91,19 @@ def _cmd_rewards_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rewards_cache(args: argparse.Namespace) -> int:
+    from mixgrpo.rewards.cache import cache_reward_weights
+    from mixgrpo.storage import StorageError
+
+    try:
+        uri = cache_reward_weights(args.name, args.source, args.dest, args.version)
+    except StorageError as error:
+        print(f"mixgrpo: storage error: {error}", file=sys.stderr)
+        return 1
+    print(uri)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixgrpo",
@@ -153,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     rewards = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", metavar="COMMAND", required=True)
     p = rewards.add_parser("list", help="registered reward names")
     p.set_defaults(func=_cmd_rewards_list)
+    p = rewards.add_parser("cache", help="publish a reward's weights to {dest}/{name}/{version}/ with a sha256 manifest")
+    p.add_argument("--name", required=True, help="hps / pickscore / imagereward / clip")
+    p.add_argument("--source", required=True, help="local directory or s3:// / file:// URI holding the reward's files")
+    p.add_argument("--dest", required=True, help="object-store prefix, e.g. s3://bucket/rewards")
+    p.add_argument("--version", required=True, help="version label, e.g. v2.1")
+    p.set_defaults(func=_cmd_rewards_cache)
     return parser
 
 

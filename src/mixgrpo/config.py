@@ -45,6 +45,25 @@ class ModelConfig:
     """Recompute activations in the backward pass (less memory, ~30% more time)."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """bf16 autocast; "auto" = bf16 on CUDA, float32 on CPU."""
+    height: int = 720
+    """flux: training image height in pixels, a multiple of 16 (720 -> 90x90 latents, 2025 tokens)."""
+    width: int = 720
+    """flux: training image width in pixels, a multiple of 16."""
+    guidance: float = 3.5
+    """flux: the guidance-distilled embedding's input (FLUX.1-dev: 3.5; one forward per step, no CFG)."""
+    max_sequence_length: int = 512
+    """flux: T5 tokens per prompt (padded / truncated)."""
+    lora_rank: int = 0
+    """flux: 0 = train the full transformer; > 0 = LoRA (peft) of this rank on lora_target_modules, base frozen."""
+    lora_alpha: float | None = None
+    """flux: LoRA alpha (scale alpha/rank); None = lora_rank."""
+    lora_target_modules: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    """flux: transformer submodules that get LoRA (default: every attention projection)."""
+    transformer_dtype: Literal["float32", "bfloat16"] = "float32"
+    """flux: storage dtype of the transformer weights (LoRA weights stay float32)."""
+    embedding_cache_dir: str = ""
+    """flux: directory of cached prompt embeddings (safetensors shards, see precompute_prompt_embeddings); "" = in memory."""
 
 
 @dataclass
@@ -123,6 +142,35 @@ class OptimConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Several processes (``mixgrpo launch`` / ``torchrun``): how the model is replicated and the batch is split.
+
+    With W processes the global batch per iteration is W x ``prompts_per_iteration`` groups of N
+    (or ``prompts_per_iteration`` groups when ``split_groups``); gradients are averaged over the
+    ranks, so one optimiser step sees W x ``optim.train_batch_size`` x ``optim.gradient_accumulation_steps``
+    trajectories. A 1-process run with W x the prompts and W x the accumulation steps takes the
+    same steps on the same samples (prompts and noise are seeded by global group id).
+    """
+
+    engine: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    """"none": one process; "ddp": replicated weights, averaged gradients; "fsdp": FSDP2 full shard
+    (each FluxTransformerBlock / FluxSingleTransformerBlock wrapped, weights consolidated on rank 0 to
+    save); "deepspeed": ZeRO through accelerate with ``deepspeed_config``."""
+    zero_stage: Literal[2, 3] = 2
+    """engine=deepspeed: ZeRO stage; picks configs/deepspeed/zero{stage}.json unless deepspeed_config is set."""
+    deepspeed_config: str = ""
+    """engine=deepspeed: DeepSpeed JSON config; "" = the shipped configs/deepspeed/zero{zero_stage}.json."""
+    reward_ranks: Literal["all", "rank0"] = "all"
+    """"all": every rank scores its own images; "rank0": images are gathered to rank 0, scored there
+    (reward models loaded once) and the scores scattered back."""
+    split_groups: bool = False
+    """Spread each group's N samples over the ranks (N divisible by W): the global batch is then
+    ``prompts_per_iteration`` groups; rewards are still normalised over the whole group."""
+    timeout_s: int = 600
+    """Seconds a collective waits for the other ranks before it fails (a dead or hung rank ends the job)."""
+
+
+@dataclass
 class TrainConfig:
     mode: Mode = "mixgrpo"
     """Algorithm preset; see MODE_PRESETS. Explicit keys in the file or on the command line win."""
@@ -139,6 +187,9 @@ class TrainConfig:
     eval_images_per_prompt: int = 2
     output_dir: str = "runs/mixgrpo"
     checkpoint_every: int = 50
+    checkpoint_uri: str = ""
+    """Mirror every checkpoint and the final weights to this object-store prefix (s3://bucket/run or
+    file:///dir); ``--resume`` fetches the newest complete one from there when output_dir has none."""
     keep_checkpoints: int = 2
     """How many complete checkpoints to keep locally (the newest ones)."""
     mlflow_tracking_uri: str = ""
@@ -150,6 +201,7 @@ class TrainConfig:
     window: WindowConfig = field(default_factory=WindowConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 MODE_PRESETS: dict[str, dict[str, Any]] = {
@@ -364,6 +416,7 @@ def validate_config(cfg: TrainConfig) -> None:
         (o.clip_range > 0, "optim.clip_range must be > 0"),
         (o.train_batch_size >= 1 and o.gradient_accumulation_steps >= 1, "optim.train_batch_size and gradient_accumulation_steps must be >= 1"),
         (len(cfg.rewards.names) >= 1, "rewards.names must name at least one reward"),
+        (cfg.distributed.timeout_s > 0, "distributed.timeout_s must be > 0 seconds"),
         (set(cfg.rewards.weights) <= set(cfg.rewards.names),
          f"rewards.weights names {sorted(set(cfg.rewards.weights) - set(cfg.rewards.names))} that are not in rewards.names {cfg.rewards.names}"),
     ]

@@ -45,14 +45,17 @@ class EvalResult:
 
 
 def load_tuned_policy(cfg: TrainConfig, tuned_dir: str | Path, device: torch.device) -> FlowModel:
-    """The base adapter of ``cfg`` with its transformer replaced by ``tuned_dir/transformer``."""
+    """The base adapter of ``cfg`` with the tuned weights of ``tuned_dir`` (full transformer or LoRA)."""
     tuned_dir = Path(tuned_dir)
-    transformer_dir = tuned_dir / "transformer" if (tuned_dir / "transformer").is_dir() else tuned_dir
-    if not (transformer_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{transformer_dir} has no config.json: expected the tuned transformer in diffusers layout "
-                                "(the trainer writes it to OUTPUT_DIR/final/transformer)")
     policy = build_policy(cfg, device)
-    policy.module = type(policy.module).from_pretrained(transformer_dir).to(device)
+    if hasattr(policy, "load_tuned"):  # adapters that know their own formats (FLUX: transformer/ or LoRA)
+        policy.load_tuned(tuned_dir)
+    else:
+        transformer_dir = tuned_dir / "transformer" if (tuned_dir / "transformer").is_dir() else tuned_dir
+        if not (transformer_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{transformer_dir} has no config.json: expected the tuned transformer in diffusers "
+                                    "layout (the trainer writes it to OUTPUT_DIR/final/transformer)")
+        policy.module = type(policy.module).from_pretrained(transformer_dir).to(device)
     policy.module.eval()
     return policy
 

@@ -2,11 +2,14 @@
 
 Every random choice of iteration ``m`` (prompts, initial noise, SDE noise, the order of the
 micro-batches, the DanceGRPO step subsets) is drawn from generators seeded by
-``(seed, m, rank)``, and the sliding window is a pure function of ``m``. A checkpoint therefore
-only needs the weights, the optimiser state and ``m``: a run resumed from iteration ``k`` ends
-with the same weights as an uninterrupted run, bit for bit.
+``(seed, m, global group id)``, and the sliding window is a pure function of ``m``. A checkpoint
+therefore only needs the weights, the optimiser state and ``m``: a run resumed from iteration ``k``
+ends with the same weights as an uninterrupted run, bit for bit. Because the seeds name global
+groups, not ranks, W processes with P prompts each draw the same samples as one process with W*P
+prompts (see ``mixgrpo.distributed`` for the global batch).
 
-Launch: ``mixgrpo train --config configs/toy.yaml [section.key=value ...]``.
+Launch: ``mixgrpo train --config configs/toy.yaml [section.key=value ...]``; several processes:
+``mixgrpo launch --engine fsdp -- train --config ...`` (torchrun; rank 0 logs and writes checkpoints).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from mixgrpo import distributed
 from mixgrpo.config import TrainConfig, config_to_dict, config_to_yaml
-from mixgrpo.grpo import group_advantages_with_stats, policy_loss
+from mixgrpo.distributed import Shard, World
+from mixgrpo.grpo import policy_loss
 from mixgrpo.models.base import Conditioning, FlowModel, index_conditioning, repeat_conditioning
 from mixgrpo.rewards.base import Reward, build_reward
 from mixgrpo.sampling import Rollout, dance_sde_step, flow_sigmas, mixed_rollout, sde_step
@@ -121,46 +126,68 @@ class RolloutBatch:
     images: torch.Tensor          # [B, 3, H, W] in [0, 1]
 
 
+def prompt_for_group(prompts: list[str], seed: int, iteration: int, group: int) -> str:
+    """The training prompt of global group ``group`` at ``iteration`` (with replacement)."""
+    generator = generator_for(seed, iteration, group, "prompt")
+    return prompts[int(torch.randint(len(prompts), (1,), generator=generator))]
+
+
 def choose_prompts(prompts: list[str], count: int, seed: int, iteration: int, rank: int = 0) -> list[str]:
-    """``count`` training prompts for this iteration and rank (with replacement across iterations)."""
-    generator = generator_for(seed, iteration, rank, "prompts")
-    index = torch.randint(len(prompts), (count,), generator=generator)
-    return [prompts[i] for i in index.tolist()]
+    """``count`` training prompts for this iteration and rank: those of global groups ``rank*count ...``."""
+    return [prompt_for_group(prompts, seed, iteration, g) for g in range(rank * count, (rank + 1) * count)]
 
 
-def initial_noise(policy: FlowModel, groups: int, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """[G*N, ...] starting latents; one noise per group when ``init_same_noise``."""
-    n = cfg.sampling.group_size
+def initial_noise(policy: FlowModel, group: int, members: range, cfg: TrainConfig, iteration: int) -> torch.Tensor:
+    """[len(members), ...] starting latents of one global group; one noise per group when ``init_same_noise``."""
     shape = policy.latent_shape()
+    generator = generator_for(cfg.seed, iteration, group, "noise")
     if cfg.sampling.init_same_noise:
-        return torch.randn((groups, *shape), generator=generator).repeat_interleave(n, dim=0)
-    return torch.randn((groups * n, *shape), generator=generator)
+        return torch.randn(shape, generator=generator).expand(len(members), *shape).clone()
+    return torch.randn((cfg.sampling.group_size, *shape), generator=generator)[members.start:members.stop]
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """One Rollout of the rows of several (same window and schedule)."""
+    first = parts[0]
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return Rollout(sample=cat("sample"), latents=cat("latents"), log_probs=cat("log_probs"), window=first.window,
+                   sigmas=first.sigmas, nfe=first.nfe, row_evals=sum(p.row_evals for p in parts), pred_x0=cat("pred_x0"))
 
 
 @torch.no_grad()
 def rollout_phase(policy: FlowModel, prompts: list[str], cfg: TrainConfig, window: range, iteration: int,
-                  rank: int, device: torch.device, sigmas: torch.Tensor, timer: SectionTimer | None = None) -> RolloutBatch:
-    """Sample N images per prompt with the mixed ODE/SDE sampler of the old policy."""
+                  rank: int, device: torch.device, sigmas: torch.Tensor, timer: SectionTimer | None = None,
+                  shard: Shard | None = None) -> RolloutBatch:
+    """Sample the shard's images (N per prompt by default) with the mixed ODE/SDE sampler of the old policy.
+
+    One ``mixed_rollout`` per group, its noise drawn from the group's own generator: a sample does
+    not depend on which other groups share the process. ``shard`` defaults to global groups
+    ``rank*len(prompts) ...`` with all N samples each.
+    """
     s = cfg.sampling
     timer = timer or SectionTimer()
-    group_cond = policy.encode_prompts(prompts)
-    cond = repeat_conditioning(group_cond, s.group_size)
-    generator = generator_for(cfg.seed, iteration, rank, "noise")
-    latents = initial_noise(policy, len(prompts), cfg, generator).to(device)
+    shard = shard or Shard(tuple(range(rank * len(prompts), (rank + 1) * len(prompts))), range(s.group_size))
+    n = len(shard.members)
+    cond = repeat_conditioning(policy.encode_prompts(prompts), n)
+    parts = []
+    for k, group in enumerate(shard.groups):
+        group_cond = index_conditioning(cond, slice(k * n, (k + 1) * n))
 
-    def velocity_fn(x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        rows_cond = cond if rows is None else index_conditioning(cond, rows.to(device))
-        with timer.section("forward"), autocast_context(cfg, device):
-            return policy.velocity(x, sigma, rows_cond).float()
+        def velocity_fn(x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+            rows_cond = group_cond if rows is None else index_conditioning(group_cond, rows.to(device))
+            with timer.section("forward"), autocast_context(cfg, device):
+                return policy.velocity(x, sigma, rows_cond).float()
 
-    rollout = mixed_rollout(
-        velocity_fn, latents, sigmas, window, s.eta, sde_type=s.sde_type, post_solver=s.post_solver,
-        solver_order=s.solver_order, solver_type=s.solver_type, post_ratio=s.post_ratio, shift=s.shift,
-        group_size=s.group_size if s.shared_prefix else None, generator=generator,
-    )
+        parts.append(mixed_rollout(
+            velocity_fn, initial_noise(policy, group, shard.members, cfg, iteration).to(device), sigmas, window, s.eta,
+            sde_type=s.sde_type, post_solver=s.post_solver, solver_order=s.solver_order, solver_type=s.solver_type,
+            post_ratio=s.post_ratio, shift=s.shift, group_size=n if s.shared_prefix else None,
+            generator=generator_for(cfg.seed, iteration, group, shard.members.start, "sde"),
+        ))
+    rollout = concat_rollouts(parts)
     images = policy.decode(rollout.sample)
-    group_ids = torch.arange(len(prompts)).repeat_interleave(s.group_size)
-    return RolloutBatch([p for p in prompts for _ in range(s.group_size)], group_ids, cond, rollout, images)
+    group_ids = torch.tensor(shard.groups).repeat_interleave(n)
+    return RolloutBatch([p for p in prompts for _ in range(n)], group_ids, cond, rollout, images)
 
 
 @torch.no_grad()
@@ -182,42 +209,70 @@ class UpdateStats:
     ratios: list[float] = field(default_factory=list)
 
 
+def micro_batches(cfg: TrainConfig, shard: Shard, iteration: int) -> list[tuple[torch.Tensor, torch.Generator]]:
+    """Local row indices of each micro-batch, in order, with the generator of its DanceGRPO step subset.
+
+    Each group's samples are shuffled by the group's own generator and cut into ``train_batch_size``
+    chunks (several whole groups per chunk when train_batch_size is a multiple of the group's local
+    size); the list takes slot 0 of every group, then slot 1, ... With W ranks of one group each
+    and ``gradient_accumulation_steps`` a, the optimiser steps see the same samples as one process
+    with all W groups and W*a accumulation steps.
+    """
+    n, size = len(shard.members), cfg.optim.train_batch_size
+    units: list[list[tuple[torch.Tensor, int]]] = []  # per unit of groups: its chunks (rows, first group)
+    per_unit = size // n if size >= n and size % n == 0 else 1
+    for k in range(0, len(shard.groups), per_unit):
+        rows = torch.cat([torch.randperm(n, generator=generator_for(cfg.seed, iteration, g, shard.members.start, "update")) + (k + j) * n
+                          for j, g in enumerate(shard.groups[k:k + per_unit])])
+        units.append([(chunk, shard.groups[k]) for chunk in rows.split(size)])
+    out = []
+    for slot in range(max(len(u) for u in units)):
+        for unit in units:
+            if slot < len(unit):
+                rows, group = unit[slot]
+                out.append((rows, generator_for(cfg.seed, iteration, group, shard.members.start, slot, "steps")))
+    return out
+
+
 def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: RolloutBatch, advantages: torch.Tensor,
                  cfg: TrainConfig, iteration: int, rank: int, device: torch.device,
-                 timer: SectionTimer | None = None) -> UpdateStats:
+                 timer: SectionTimer | None = None, shard: Shard | None = None) -> UpdateStats:
     """Clipped-ratio policy gradient on the window's log-probs, micro-batch by micro-batch.
 
     Loss per micro-batch and step: ``mean(max(-A*r, -A*clip(r, 1-eps, 1+eps)))``, divided by
-    (steps x accumulation) so an optimiser step averages over both.
+    (steps x accumulation) so an optimiser step averages over both; DDP / FSDP then average the
+    gradients over the ranks, which equals one process accumulating all ranks' micro-batches.
     """
     o, s = cfg.optim, cfg.sampling
     timer = timer or SectionTimer()
     ro = batch.rollout
     window = ro.window
     step_fn = step_rule(cfg)
-    generator = generator_for(cfg.seed, iteration, rank, "update")
-    order = torch.randperm(len(batch.prompts), generator=generator)
-    micro_batches = list(order.split(o.train_batch_size))
+    groups = len(batch.prompts) // s.group_size
+    shard = shard or Shard(tuple(range(rank * groups, (rank + 1) * groups)), range(s.group_size))
+    batches = micro_batches(cfg, shard, iteration)
     parameters = [p for p in policy.trainable_parameters()]
     stats = UpdateStats()
     clip_sum = kl_sum = loss_sum = 0.0
     terms = 0
-    for start in range(0, len(micro_batches), o.gradient_accumulation_steps):
-        group = micro_batches[start:start + o.gradient_accumulation_steps]
-        steps_per_mb = [trained_steps(cfg, window, generator) for _ in group]
-        for rows, steps in zip(group, steps_per_mb):
+    for start in range(0, len(batches), o.gradient_accumulation_steps):
+        group = batches[start:start + o.gradient_accumulation_steps]
+        steps_per_mb = [trained_steps(cfg, window, generator) for _, generator in group]
+        for index, ((rows, _), steps) in enumerate(zip(group, steps_per_mb)):
             cond = index_conditioning(batch.cond, rows.to(device))
             adv = advantages[rows].to(device)
             for i in steps:
                 k = i - window.start
                 x = ro.latents[rows, k].to(device)
                 x_next = ro.latents[rows, k + 1].to(device)
-                with timer.section("forward_train"), autocast_context(cfg, device):
-                    v = policy.velocity(x, ro.sigmas[i], cond).float()
-                logp = step_fn(x, v, ro.sigmas, i, s.eta, prev_sample=x_next).log_prob
-                out = policy_loss(logp, ro.log_probs[rows, k].to(device), adv, clip_range=o.clip_range, kl_coeff=o.kl_coeff)
-                with timer.section("backward"):
-                    (out.loss / (len(steps) * len(group))).backward()
+                last = index == len(group) - 1 and i == steps[-1]
+                with distributed.gradient_sync(policy.module, last):  # all-reduce once per optimiser step
+                    with timer.section("forward_train"), autocast_context(cfg, device):
+                        v = policy.velocity(x, ro.sigmas[i], cond).float()
+                    logp = step_fn(x, v, ro.sigmas, i, s.eta, prev_sample=x_next).log_prob
+                    out = policy_loss(logp, ro.log_probs[rows, k].to(device), adv, clip_range=o.clip_range, kl_coeff=o.kl_coeff)
+                    with timer.section("backward"):
+                        (out.loss / (len(steps) * len(group))).backward()
                 stats.nfe_train += 1
                 stats.ratios.append(out.ratio_mean)
                 clip_sum += out.clip_fraction
@@ -227,7 +282,7 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, o.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats.grad_norm = max(stats.grad_norm, float(grad_norm))
+        stats.grad_norm = max(stats.grad_norm, distributed.total_norm(grad_norm))
         stats.optimizer_steps += 1
     stats.loss = loss_sum / max(terms, 1)
     stats.clip_fraction = clip_sum / max(terms, 1)
@@ -283,43 +338,80 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def save_checkpoint(output_dir: Path, iteration: int, policy: FlowModel, optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig) -> Path:
-    """Write ``checkpoints/checkpoint-{iteration}`` atomically: files, manifest last, then rename.
+def _seal(tmp: Path, final: Path, iteration: int) -> None:
+    """Write the manifest (sha256 of every file) last, then rename ``tmp`` to ``final``."""
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp.iterdir()) if p.name != "MANIFEST.json"}
+    (tmp / "MANIFEST.json").write_text(json.dumps({"iteration": iteration, "sha256": files}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
 
-    ``iteration`` is the number of completed iterations (the next one to run).
+
+def save_checkpoint(output_dir: Path, iteration: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
+                    cfg: TrainConfig) -> Path:
+    """Write ``checkpoints/checkpoint-{iteration}`` atomically (rank 0): files, manifest last, then rename.
+
+    ``iteration`` is the number of completed iterations (the next one to run); the states are
+    full (consolidated) state dicts keyed by parameter name. With ``checkpoint_uri`` the directory
+    is then published there (manifest last, so a half upload is never picked up).
     """
     root = output_dir / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{iteration:06d}"
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in policy.module.state_dict().items()}, tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "config.yaml").write_text(config_to_yaml(cfg))
     (tmp / "trainer_state.json").write_text(json.dumps({"iteration": iteration}))
-    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp.iterdir())}
-    (tmp / "MANIFEST.json").write_text(json.dumps({"iteration": iteration, "sha256": files}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    _seal(tmp, final, iteration)
+    if cfg.checkpoint_uri:
+        from mixgrpo.storage import publish_dir
+
+        publish_dir(final, f"{cfg.checkpoint_uri.rstrip('/')}/{final.name}", metadata={"iteration": iteration})
     for old in checkpoint_dirs(output_dir)[:-cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: Path, policy: FlowModel, optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights, optimiser and RNG; return the next iteration to run."""
+def latest_checkpoint(output_dir: Path, checkpoint_uri: str = "") -> Path | None:
+    """The newest complete local checkpoint; else the newest complete one under ``checkpoint_uri``, fetched."""
+    if checkpoint_dirs(output_dir):
+        return checkpoint_dirs(output_dir)[-1]
+    if not checkpoint_uri:
+        return None
+    from mixgrpo.storage import fetch_dir, latest_complete
+
+    uri = latest_complete(checkpoint_uri.rstrip("/"), CHECKPOINT_PREFIX)
+    if uri is None:
+        return None
+    final = output_dir / "checkpoints" / uri.rstrip("/").rsplit("/", 1)[-1]
+    tmp = final.parent / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    fetch_dir(uri, tmp)  # verified against the store's manifest
+    (tmp / "MANIFEST.json").unlink()
+    _seal(tmp, final, json.loads((tmp / "trainer_state.json").read_text())["iteration"])
+    print(f"fetched checkpoint {uri} to {final}")
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """Check the manifest, restore the RNG; return (next iteration, model state, optimiser state)."""
     manifest = json.loads((path / "MANIFEST.json").read_text())
     for name, digest in manifest["sha256"].items():
         if hashlib.sha256((path / name).read_bytes()).hexdigest() != digest:
             raise RuntimeError(f"checkpoint {path}: {name} does not match its sha256 in MANIFEST.json; "
                                "the checkpoint is corrupt, delete it to resume from the previous one")
-    state = load_file(path / "model.safetensors")
-    policy.module.load_state_dict(state)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=False)["torch"])
-    return int(manifest["iteration"])
+    return int(manifest["iteration"]), load_file(path / "model.safetensors"), torch.load(path / "optimizer.pt", weights_only=False)
+
+
+def save_final_weights(directory: Path, module: torch.nn.Module, model_state: dict[str, torch.Tensor]) -> None:
+    """diffusers layout: ``config.json`` + ``diffusion_pytorch_model.safetensors`` of the full state."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    module.save_config(directory)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, directory / "diffusion_pytorch_model.safetensors")
 
 
 # --------------------------------------------------------------------------- set-up
@@ -333,8 +425,12 @@ def build_policy(cfg: TrainConfig, device: torch.device) -> FlowModel:
 
         path = cfg.model.path or str(ensure_base_model())
         policy = load_toy_model(path)
+    elif cfg.model.kind == "flux":
+        from mixgrpo.models.flux import build_flux_policy
+
+        policy = build_flux_policy(cfg.model, device)
     else:
-        raise NotImplementedError(f"model.kind={cfg.model.kind!r} is not available yet; use model.kind=toy")
+        raise NotImplementedError(f"model.kind={cfg.model.kind!r} is not available; use model.kind=toy or flux")
     policy.module.to(device)
     if cfg.model.gradient_checkpointing and hasattr(policy.module, "enable_gradient_checkpointing"):
         policy.module.enable_gradient_checkpointing()
@@ -420,56 +516,83 @@ def iterations_bar(start: int, stop: int, enabled: bool) -> Iterator[int]:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, device: str | None = None) -> TrainResult:
-    """Run MixGRPO (or a baseline mode) for ``cfg.max_iterations`` iterations."""
+    """Run MixGRPO (or a baseline mode) for ``cfg.max_iterations`` iterations, in this process's share.
+
+    Under torchrun every rank runs this function: it rolls out its shard of the global batch,
+    rewards are gathered so each group is normalised over all its samples, gradients are averaged
+    by the engine, and rank 0 logs, writes checkpoints and the final weights.
+    """
     t_start = time.perf_counter()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = distributed.setup(cfg, device)
+    try:
+        return _train(cfg, world, resume, t_start)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> TrainResult:
+    dev, main = world.device, world.is_main
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
 
     policy = build_policy(cfg, dev)
-    rewards = build_rewards(cfg, cfg.rewards.names, dev)
-    all_rewards = {**rewards, **build_rewards(cfg, [n for n in cfg.rewards.held_out if n not in rewards], dev)}
+    raw_module = policy.module
+    policy.module = distributed.wrap_module(raw_module, world)  # the adapter's forward goes through the engine
+    scorer = main or cfg.distributed.reward_ranks == "all"      # "rank0": reward models live on rank 0 only
+    rewards = build_rewards(cfg, cfg.rewards.names, dev) if scorer else {}
+    held_out_names = [n for n in cfg.rewards.held_out if n not in cfg.rewards.names]
+    all_rewards = {**rewards, **build_rewards(cfg, held_out_names, dev)} if scorer else {}
+    reward_names = list(cfg.rewards.names) + held_out_names
     train_prompts = load_prompts(cfg.prompts, "train")
     eval_prompts = load_prompts(cfg.eval_prompts, "test")
     optimizer = torch.optim.AdamW(list(policy.trainable_parameters()), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     window = build_window(cfg)
     sigmas = flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift).to(dev)
+    shard = distributed.shard_for(cfg, world)
 
     start_iteration = 0
-    if resume and checkpoint_dirs(output_dir):
-        start_iteration = load_checkpoint(checkpoint_dirs(output_dir)[-1], policy, optimizer)
-        print(f"resumed from {checkpoint_dirs(output_dir)[-1]} at iteration {start_iteration}")
-    elif not resume:
+    checkpoint = latest_checkpoint(output_dir, cfg.checkpoint_uri) if resume and main else None
+    if distributed.broadcast_object(world, checkpoint is not None):
+        start_iteration, model_state, optimizer_state = load_checkpoint(checkpoint) if main else (0, {}, {})
+        distributed.load_full_states(world, policy.module, optimizer, model_state, optimizer_state)
+        start_iteration = distributed.broadcast_object(world, start_iteration)
+        if main:
+            print(f"resumed from {checkpoint} at iteration {start_iteration}")
+    elif not resume and main:
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    log = MetricsLog(output_dir / "metrics.jsonl", cfg)
+    log = MetricsLog(output_dir / "metrics.jsonl", cfg) if main else None
 
     held_out_before = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
-    if start_iteration == 0:
+    if start_iteration == 0 and log:
         log.log({"iteration": 0, "held_out": held_out_before})
 
-    for iteration in iterations_bar(start_iteration, cfg.max_iterations, cfg.progress_bar):
+    for iteration in iterations_bar(start_iteration, cfg.max_iterations, cfg.progress_bar and main):
         timer = SectionTimer(dev)
         t0 = time.perf_counter()
         steps = sde_window(cfg, window, iteration)
-        prompts = choose_prompts(train_prompts, cfg.prompts_per_iteration, cfg.seed, iteration)
-        batch = rollout_phase(policy, prompts, cfg, steps, iteration, 0, dev, sigmas, timer)
+        prompts = [prompt_for_group(train_prompts, cfg.seed, iteration, g) for g in shard.groups]
+        batch = rollout_phase(policy, prompts, cfg, steps, iteration, world.rank, dev, sigmas, timer, shard)
         t1 = time.perf_counter()
-        scores = score_phase(all_rewards, batch.images, batch.prompts)
-        optimised = {name: scores[name] for name in rewards}
-        advantages, adv_stats = group_advantages_with_stats(
-            optimised, batch.group_ids, weights=cfg.rewards.weights or None, mix=cfg.rewards.mix,
-            clip=cfg.rewards.advantage_clip, on_failure=cfg.rewards.on_failure)
+        if cfg.distributed.reward_ranks == "rank0" and world.distributed:
+            scores = distributed.score_on_rank0(world, all_rewards, reward_names, batch.images, batch.prompts)
+        else:
+            scores = score_phase(all_rewards, batch.images, batch.prompts)
+        advantages, adv_stats, scores = distributed.gather_group_advantages(
+            world, scores, batch.group_ids, optimised=cfg.rewards.names, weights=cfg.rewards.weights or None,
+            mix=cfg.rewards.mix, clip=cfg.rewards.advantage_clip, on_failure=cfg.rewards.on_failure)
         t2 = time.perf_counter()
-        update = update_phase(policy, optimizer, batch, advantages, cfg, iteration, 0, dev, timer)
+        update = update_phase(policy, optimizer, batch, advantages, cfg, iteration, world.rank, dev, timer, shard)
         t3 = time.perf_counter()
 
         record = {
             "iteration": iteration + 1,
             "window_start": steps.start, "window_stop": steps.stop,
             "nfe_old": batch.rollout.nfe, "row_evals_old": batch.rollout.row_evals, "nfe_train": update.nfe_train,
+            "samples": len(batch.prompts) * world.world_size, "processes": world.world_size,
             "rewards": {name: {"mean": float(torch.nanmean(v)), "std": float(torch.nan_to_num(v).std())} for name, v in scores.items()},
             "advantage": {"mean": float(advantages.mean()), "std": float(advantages.std()), "abs_max": float(advantages.abs().max()),
                           "failed": adv_stats.num_failed, "invalid": adv_stats.num_invalid, "clipped": adv_stats.num_clipped},
@@ -482,17 +605,38 @@ def train(cfg: TrainConfig, *, resume: bool = False, device: str | None = None) 
         done = iteration + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_iterations:
             record["held_out"] = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
-        log.log(record)
+        if log:
+            log.log(record)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            save_checkpoint(output_dir, done, policy, optimizer, cfg)
+            checkpoint_all_ranks(world, output_dir, done, policy.module, optimizer, cfg)
 
     final_iteration = max(cfg.max_iterations, start_iteration)
-    if not checkpoint_dirs(output_dir) or int(checkpoint_dirs(output_dir)[-1].name[len(CHECKPOINT_PREFIX):]) != final_iteration:
-        save_checkpoint(output_dir, final_iteration, policy, optimizer, cfg)
+    last = checkpoint_dirs(output_dir)[-1].name if main and checkpoint_dirs(output_dir) else ""
+    if distributed.broadcast_object(world, last != f"{CHECKPOINT_PREFIX}{final_iteration:06d}"):
+        checkpoint_all_ranks(world, output_dir, final_iteration, policy.module, optimizer, cfg)
     held_out_after = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
-    log.log({"iteration": final_iteration, "held_out": held_out_after, "final": True})
-    log.close()
     final_dir = output_dir / "final"
-    shutil.rmtree(final_dir, ignore_errors=True)
-    policy.module.save_pretrained(final_dir / "transformer", safe_serialization=True)
+    model_state, _ = distributed.full_states(policy.module, optimizer) if world.distributed else ({}, {})
+    if main:
+        log.log({"iteration": final_iteration, "held_out": held_out_after, "final": True})
+        log.close()
+        if world.distributed:
+            save_final_weights(final_dir / "transformer", raw_module, model_state)
+        else:
+            shutil.rmtree(final_dir, ignore_errors=True)
+            raw_module.save_pretrained(final_dir / "transformer", safe_serialization=True)
+        if cfg.checkpoint_uri:
+            from mixgrpo.storage import publish_dir
+
+            publish_dir(final_dir, f"{cfg.checkpoint_uri.rstrip('/')}/final", metadata={"iteration": final_iteration})
+    distributed.barrier(world)
     return TrainResult(output_dir, final_iteration, final_dir, held_out_before, held_out_after, time.perf_counter() - t_start)
+
+
+def checkpoint_all_ranks(world: World, output_dir: Path, iteration: int, module: torch.nn.Module,
+                         optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Consolidate the states (collective), rank 0 writes the checkpoint, the others wait for it."""
+    model_state, optimizer_state = distributed.full_states(module, optimizer)
+    if world.is_main:
+        save_checkpoint(output_dir, iteration, model_state, optimizer_state, cfg)
+    distributed.barrier(world)

@@ -39,7 +39,13 @@ def _import_builtin_rewards() -> None:
     # Importing these modules registers their rewards; each import is cheap (weights load lazily).
     import importlib
 
-    for module in ("mixgrpo.toy.rewards",):
+    modules = (
+        "mixgrpo.toy.rewards",
+        "mixgrpo.rewards.clip_scorers",
+        "mixgrpo.rewards.imagereward",
+        "mixgrpo.rewards.unified",
+    )
+    for module in modules:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:  # pragma: no cover - only while a module is being built
