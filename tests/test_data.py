@@ -337,8 +337,8 @@ def test_bad_embed_fn_output_is_named(tmp_path: Path) -> None:
         prepare_prompts(src, str(tmp_path / "out"), min_rows=10, shard_size=4,
                         embed_fn=lambda ps: {"pooled": torch.zeros(1, 4)})
     assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    prepare_prompts(src, str(tmp_path / "out"), min_rows=10)
     with pytest.raises(DataError, match="has no embeddings for split 'train'"):
-        prepare_prompts(src, str(tmp_path / "out"), min_rows=10)
         load_prepared_embeddings(str(tmp_path / "out"), "train")
     with pytest.raises(DataError, match="unknown split 'dev'"):
         load_prepared_prompts(str(tmp_path / "out"), "dev")

@@ -83,7 +83,9 @@ def test_unreachable_server_fails_fast_naming_the_uri() -> None:
 
 
 @pytest.mark.integration
-def test_register_creates_a_version_pointing_at_the_weights(client, mlflow_server: MLflowServer) -> None:  # noqa: ANN001
+def test_register_creates_a_version_pointing_at_the_weights(
+    client, mlflow_server: MLflowServer  # noqa: ANN001
+) -> None:
     name = unique("reg")
     version = register_model(
         client, name, "s3://mixgrpo-test/runs/kfp-1/weights", pipeline_run_id="kfp-1", git_sha="0123abc",
@@ -125,7 +127,8 @@ def test_bad_inputs_register_nothing(client) -> None:  # noqa: ANN001
     with pytest.raises(RegistryError, match=r"weights URI '/tmp/w' is not an object-store URI"):
         register_model(client, name, "/tmp/w", pipeline_run_id="kfp-1")
     with pytest.raises(RegistryError, match=r"metric 'hps' is 'high'; expected a number"):
-        register_model(client, name, "s3://b/w", pipeline_run_id="kfp-1", metrics={"hps": "high"})  # type: ignore[dict-item]
+        bad_metrics: dict = {"hps": "high"}
+        register_model(client, name, "s3://b/w", pipeline_run_id="kfp-1", metrics=bad_metrics)
     with pytest.raises(RegistryError, match=r"pipeline run id \"it's\""):
         register_model(client, name, "s3://b/w", pipeline_run_id="it's")
     from mlflow.exceptions import MlflowException
@@ -214,7 +217,8 @@ def test_training_run_metrics_and_files_land_in_mlflow_and_s3(client, s3_server:
     experiment = unique("exp")
     run_id = log_training_run(
         client, experiment, pipeline_run_id="kfp-7", run_name="mixgrpo toy", params={"lr": 1e-5, "mode": "mixgrpo"},
-        metrics={GATE: 0.4}, history={"reward": [0.1, 0.2, 0.3]}, artifacts={"grid": grid, "plots": tmp_path / "curve.png"},
+        metrics={GATE: 0.4}, history={"reward": [0.1, 0.2, 0.3]},
+        artifacts={"grid": grid, "plots": tmp_path / "curve.png"},
     )
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"lr": "1e-05", "mode": "mixgrpo"}

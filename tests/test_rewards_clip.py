@@ -401,3 +401,14 @@ def test_wrong_shapes_and_counts_are_rejected(tmp_path: Path) -> None:
         reward(torch.rand(3, 28, 28), ["a"])
     with pytest.raises(ValueError, match="one prompt per image"):
         reward(torch.rand(2, 3, 28, 28), ["a"])
+
+
+def test_bfloat16_scores_are_close_to_float32(tmp_path: Path) -> None:
+    root = make_hps_dir(tmp_path / "hps")
+    images = images_batch()
+    full = build_reward("hps", weights_dir=root)(images, PROMPTS)
+    half = build_reward("hps", weights_dir=root, dtype="bfloat16")(images, PROMPTS)
+    assert half.dtype == torch.float32
+    assert (full - half).abs().max() < 0.05
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        build_reward("hps", weights_dir=root, dtype="fp8")

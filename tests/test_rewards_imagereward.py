@@ -19,7 +19,7 @@ from mixgrpo.rewards.imagereward import (
     text_config_from_med,
 )
 
-TINY_VIT = BlipViTConfig(image_size=32, patch_size=16, width=128, depth=2, heads=2)
+TINY_VIT = BlipViTConfig(image_size=32, patch_size=16, width=128, depth=2, heads=2, mlp_hidden=512)
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, "cat", "dog", "red", "blue", "tree", "##s"]
 PROMPTS = ["a red cat", "blue dogs", "a tree", "red red red tree cat dog"]
 

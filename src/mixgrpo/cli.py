@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,11 +17,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(config_to_yaml(cfg))
         return 0
     result = train(cfg, resume=args.resume, device=args.device)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     print(f"\nfinished {result.iterations} iterations in {result.seconds:.0f} s; weights: {result.final_weights}")
     print(f"{'held-out reward':<22}{'before':>9}{'after':>9}")
     for name in result.held_out_before:
         print(f"{name:<22}{result.held_out_before[name]:>9.4f}{result.held_out_after[name]:>9.4f}")
     return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from mixgrpo.distributed import run_launch
+
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    return run_launch(train_args, engine=args.engine, launcher=args.launcher, nproc_per_node=args.nproc_per_node)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -123,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("launch", help="several processes / nodes: torchrun (or accelerate) around `train`, "
+                                      "flags from the Kubeflow Trainer's PET_* variables",
+                       epilog="e.g. mixgrpo launch --engine fsdp --nproc-per-node 8 -- train --config configs/toy.yaml")
+    p.add_argument("--engine", choices=["none", "ddp", "fsdp", "deepspeed"], help="sets distributed.engine (default: the config's)")
+    p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun")
+    p.add_argument("--nproc-per-node", help="processes per node (default: $PET_NPROC_PER_NODE, else 'gpu' / 1)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- train --config ... [KEY=VALUE ...] [--resume]")
+    p.set_defaults(func=_cmd_launch)
+
     p = sub.add_parser("config", help="print the resolved config (defaults -> mode preset -> file -> overrides)")
     add_config_args(p)
     p.set_defaults(func=_cmd_config)
@@ -177,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and (getattr(args, "overrides", None) is None or any("=" not in item or item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # KEY=VALUE overrides may also follow flags: `train --config c.yaml --resume a.b=1`
+        args.overrides = list(args.overrides) + extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

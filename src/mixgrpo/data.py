@@ -116,7 +116,8 @@ class PrepareSettings:
         if self.input_format is not None and self.input_format not in set(FORMATS.values()):
             raise DataError(f"input_format={self.input_format!r}: use one of {sorted(set(FORMATS.values()))}")
         if not 1 <= self.min_chars <= self.max_chars:
-            raise DataError(f"length bounds min_chars={self.min_chars}, max_chars={self.max_chars}: need 1 <= min <= max")
+            raise DataError(f"length bounds min_chars={self.min_chars}, max_chars={self.max_chars}: "
+                            "need 1 <= min <= max")
         if self.min_rows < 2:
             raise DataError(f"min_rows={self.min_rows}: need at least 2 (one train and one test prompt)")
         if self.test_fraction is not None and self.test_count is not None:
@@ -613,8 +614,8 @@ def prepare_prompts(
     ``validation.json`` (for a KFP Markdown artifact), pass or fail.
 
     Raises :class:`DataError` for unreadable input and :class:`PromptValidationError` when the
-    suite fails; the failure report is then written to ``{output_uri}/validation-failed/``
-    (no manifest is published, so the prefix does not look complete).
+    suite fails; the failure report is then written to ``{output_uri}/validation-failed/`` and
+    nothing is published (a data set published there earlier stays as it was, manifest included).
     """
     if settings is not None and options:
         raise DataError(f"pass settings or keyword options, not both (got {sorted(options)})")

@@ -139,12 +139,14 @@ def check_reachable(settings: RegistrySettings) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RegistryError(f"cannot create the directory of MLflow database {settings.tracking_uri}: {exc}") from exc
+            raise RegistryError(f"cannot create the directory of MLflow database {settings.tracking_uri}: "
+                                f"{exc}") from exc
         return
     if parsed.scheme not in ("http", "https"):
         return
     url = settings.tracking_uri.rstrip("/") + "/api/2.0/mlflow/registered-models/search?max_results=1"
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {settings.token}"} if settings.token else {})
+    headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=settings.timeout_s) as response:
             response.read()

@@ -23,6 +23,7 @@ What each reward's directory must hold (``a+b`` = both files, alternatives separ
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -106,6 +107,8 @@ def resolve_weights_dir(
     A URI (``s3://`` or ``file://``) must point at a published directory (with its manifest);
     it is fetched into ``cache_dir / <sha256(uri)[:16]>-<last path part>`` and every file is
     checked against the manifest (:class:`mixgrpo.storage.IntegrityError` names a bad file).
+    Processes on one machine take turns (a file lock), so a file is downloaded once; files
+    already there are re-hashed, not re-downloaded (a few seconds for the 2.5 GB HPS checkpoint).
     """
     text = os.fspath(weights_dir)
     if not text:
@@ -116,7 +119,10 @@ def resolve_weights_dir(
     tail = re.sub(r"[^A-Za-z0-9._-]", "_", text.rstrip("/").rsplit("/", 1)[-1])
     local = root / f"{hashlib.sha256(text.rstrip('/').encode()).hexdigest()[:16]}-{tail}"
     local.mkdir(parents=True, exist_ok=True)
-    fetch_dir(text, local, verify=True, settings=settings)
+    # One download per machine: the ranks of a node wait for the first one, then reuse its files.
+    with open(local.with_name(local.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fetch_dir(text, local, verify=True, settings=settings)
     return local
 
 

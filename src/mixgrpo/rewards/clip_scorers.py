@@ -41,7 +41,6 @@ Mapping (open_clip -> CLIPModel; ``{i}`` a block index, ``T`` a transpose):
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,8 +53,6 @@ import torch.nn.functional as F
 from mixgrpo.rewards.base import register_reward
 from mixgrpo.rewards.cache import check_weights_dir, resolve_weights_dir
 from mixgrpo.rewards.preprocess import ImageTransform, check_batch, finite_rows, transform_from_processor_config
-
-log = logging.getLogger(__name__)
 
 HPS_CHECKPOINT = "HPS_v2.1_compressed.pt"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -312,10 +309,9 @@ class ClipScorer:
         check_batch(images, prompts, self.name)
         ok = finite_rows(images)
         safe = torch.where(ok.view(-1, 1, 1, 1), images, torch.zeros((), dtype=images.dtype, device=images.device))
-        raw = torch.cat([
-            self._raw(safe[i : i + self.batch_size], prompts[i : i + self.batch_size])
-            for i in range(0, len(prompts), self.batch_size)
-        ]) if prompts else torch.zeros(0)
+        chunks = [self._raw(safe[i : i + self.batch_size], prompts[i : i + self.batch_size])
+                  for i in range(0, len(prompts), self.batch_size)]
+        raw = torch.cat(chunks) if chunks else torch.zeros(0)
         scores = (raw - self.output.shift) / self.output.scale
         scores = torch.where(ok.cpu(), scores, torch.full_like(scores, float("nan")))
         return scores.to(images.device)

@@ -27,6 +27,7 @@ Files (``weights_dir``): ``ImageReward.pt``, ``med_config.json``, BERT ``vocab.t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +63,7 @@ class BlipViTConfig:
     width: int = 1024
     depth: int = 24
     heads: int = 16
-    mlp_ratio: float = 4.0
+    mlp_hidden: int = 4096
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str, head_dim: int = 64) -> BlipViTConfig:
@@ -70,11 +71,12 @@ class BlipViTConfig:
         proj = state[f"{prefix}patch_embed.proj.weight"]  # [width, 3, p, p]
         width, patch = proj.shape[0], proj.shape[-1]
         grid = round((state[f"{prefix}pos_embed"].shape[1] - 1) ** 0.5)
-        depth = len({k.split(".")[len(prefix.split("."))] for k in state if k.startswith(f"{prefix}blocks.")})
+        block = re.compile(rf"{re.escape(prefix)}blocks\.(\d+)\.")
+        depth = len({m.group(1) for k in state if (m := block.match(k))})
         hidden = state[f"{prefix}blocks.0.mlp.fc1.weight"].shape[0]
         if width % head_dim:
             raise ValueError(f"ViT width {width} is not a multiple of the head size {head_dim}")
-        return cls(grid * patch, patch, width, depth, width // head_dim, hidden / width)
+        return cls(grid * patch, patch, width, depth, width // head_dim, hidden)
 
 
 class _PatchEmbed(nn.Module):
@@ -118,7 +120,7 @@ class _Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.width, eps=1e-6)
         self.attn = _Attention(cfg.width, cfg.heads)
         self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6)
-        self.mlp = _Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
+        self.mlp = _Mlp(cfg.width, cfg.mlp_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))

@@ -110,8 +110,8 @@ def transform_from_processor_config(model_dir: str | Path, default_size: int) ->
     """The :class:`ImageTransform` a Hugging Face ``preprocessor_config.json`` describes.
 
     Reads ``size`` (``shortest_edge`` -> crop; ``height``/``width`` without centre crop ->
-    squash), ``crop_size``, ``image_mean`` and ``image_std``; a missing file gives the CLIP
-    default (``default_size``, crop, CLIP mean / std).
+    squash), ``crop_size``, ``image_mean`` and ``image_std`` (``resample`` must be bicubic); a
+    missing file gives the CLIP default (``default_size``, crop, CLIP mean / std).
     """
     path = Path(model_dir) / "preprocessor_config.json"
     if not path.is_file():
@@ -120,6 +120,8 @@ def transform_from_processor_config(model_dir: str | Path, default_size: int) ->
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); restore it from the model's original files") from error
+    if cfg.get("resample", 3) != 3:  # PIL.Image.BICUBIC
+        raise ValueError(f"{path}: resample {cfg['resample']} is not bicubic (3); only bicubic resizing is implemented")
     mean = tuple(cfg.get("image_mean", CLIP_MEAN))
     std = tuple(cfg.get("image_std", CLIP_STD))
     size = cfg.get("size", default_size)

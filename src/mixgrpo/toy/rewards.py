@@ -1,11 +1,11 @@
 """Toy-world rewards: what the prompt asks for, measured on pixels. Each is in [0, 1], 1 = perfect.
 
 Trained on (registered names):
-  - ``toy_object_color``: the non-background pixels have the object's colour, over at least
-    ``MIN_OBJECT_AREA`` pixels (no object scores 0).
+  - ``toy_object_color``: the non-background mass is object-coloured, over at least
+    ``MIN_OBJECT_AREA`` pixels (no object, or a wrong colour, scores ~0).
   - ``toy_background``: the share of pixels in the background colour, full marks from 75 %
     (pushes towards small objects).
-  - ``toy_shape``: soft IoU of the object-coloured region with the prompt's shape drawn in a
+  - ``toy_shape``: soft IoU of the object region with the prompt's shape drawn in a
     *square* box fitted to that region (a template stretched to the region's bounding box was
     gamed by tall bars), rescaled so IoU 0.5 scores 0. Rendered shapes score ~0.97, the
     nearest wrong shape 0.4-0.7 (a circle covers 83 % of its equal-area square), blobs ~0.2.
@@ -17,7 +17,8 @@ Never trained on:
     off-palette colours score low. A sanity check for reward hacking.
 
 Pixel-to-colour closeness is ``clamp(1 - |rgb - colour| / 0.6, 0, 1)``; palette colours are
-at least 1.0 apart. A row whose image holds a non-finite value scores NaN (a failed sample).
+at least 1.0 apart. The object region reads each pixel as a mix of the prompt's background
+and object colours (as anti-aliased edges are), so rendered images score ~1 on colour. A row whose image holds a non-finite value scores NaN (a failed sample).
 """
 
 from __future__ import annotations

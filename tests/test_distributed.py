@@ -1,0 +1,231 @@
+"""Several processes (gloo, CPU): same weights as one process, rewards gathered by group, a dead rank fails fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixgrpo.config import ConfigError, load_config
+from mixgrpo.distributed import Shard, World, launch_command, shard_for
+from mixgrpo.grpo import group_advantages_with_stats
+from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
+from mixgrpo.train import checkpoint_dirs, micro_batches, train
+
+TINY = ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=32)
+ITERATIONS = 3
+# One optimiser step sees 4 samples: 2 of each group. One process: 2 groups, accumulation 2;
+# two processes: 1 group each, accumulation 1, gradients averaged by the engine.
+COMMON = {
+    "max_iterations": ITERATIONS, "sampling.group_size": 4, "sampling.num_steps": 6, "window.size": 2,
+    "window.shift_interval": 1, "optim.train_batch_size": 2, "optim.lr": 1e-3, "checkpoint_every": 1,
+    "eval_images_per_prompt": 1, "progress_bar": False,
+    "rewards.names": ["toy_object_color", "toy_background"], "rewards.held_out": ["toy_heldout_realism"],
+}
+ONE_PROCESS = {"prompts_per_iteration": 2, "optim.gradient_accumulation_steps": 2}
+PER_RANK = {"prompts_per_iteration": 1, "optim.gradient_accumulation_steps": 1, "distributed.timeout_s": 30}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_toy_model(ToyFlowModel(TINY), tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model_dir, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("one") / "run"
+    train(load_config(overrides={**COMMON, **ONE_PROCESS, "model.path": str(tiny_model_dir), "output_dir": str(output)}))
+    return output
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    moved = max(float((a[k] - base[k]).abs().max()) for k in a)
+    assert moved > 1e-3, "training did not move the weights; the comparison would prove nothing"
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-6, f"2-process weights differ from the 1-process run by up to {worst:.3g}"
+
+
+def overrides(values: dict) -> list[str]:
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
+
+
+def launch(engine: str, output_dir: Path, model_dir: Path, *extra: str, **popen) -> subprocess.Popen:
+    args = overrides({**COMMON, **PER_RANK, "model.path": str(model_dir), "output_dir": str(output_dir)})
+    command = [sys.executable, "-m", "mixgrpo.cli", "launch", "--engine", engine, "--nproc-per-node", "2",
+               "--", "train", *args, *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+# --------------------------------------------------------------------------- single-process units
+
+
+def test_launch_command_reads_the_kubeflow_trainer_variables():
+    env = {"PET_NNODES": "4", "PET_NODE_RANK": "2", "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29400",
+           "PET_NPROC_PER_NODE": "8"}
+    command = launch_command(["train", "--config", "c.yaml"], engine="fsdp", env=env)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    for flag in ("--nproc-per-node=8", "--nnodes=4", "--node-rank=2", "--master-addr=job-node-0-0.job", "--master-port=29400"):
+        assert flag in command
+    assert "--standalone" not in command
+    assert command[-5:] == ["mixgrpo.cli", "train", "--config", "c.yaml", "distributed.engine=fsdp"]
+    local = launch_command(["train"], nproc_per_node="2", env={})
+    assert "--standalone" in local and "--nproc-per-node=2" in local
+    acc = launch_command(["train"], engine="deepspeed", launcher="accelerate", env=env)
+    assert acc[acc.index("--num_processes") + 1] == "32" and acc[acc.index("--machine_rank") + 1] == "2"
+    assert Path(acc[acc.index("--config_file") + 1]).is_file()
+    with pytest.raises(ValueError, match="expected `train ...` after `--`"):
+        launch_command(["--config", "c.yaml"], env={})
+
+
+def test_shards_name_global_groups():
+    cfg = load_config(overrides={"prompts_per_iteration": 2, "sampling.group_size": 4})
+    assert shard_for(cfg, World(rank=1, world_size=2)) == Shard((2, 3), range(0, 4))
+    split = load_config(overrides={"prompts_per_iteration": 2, "sampling.group_size": 4, "distributed.split_groups": True})
+    assert shard_for(split, World(rank=1, world_size=2)) == Shard((0, 1), range(2, 4))
+    with pytest.raises(ConfigError, match="divisible by the number of processes"):
+        shard_for(split, World(rank=0, world_size=3))
+
+
+def test_optimizer_steps_see_the_same_samples_for_any_process_count():
+    """Step j of one process (2 groups, accumulation 2) = step j of rank 0 + step j of rank 1 (1 group each)."""
+    one = load_config(overrides={**COMMON, **ONE_PROCESS})
+    per_rank = load_config(overrides={**COMMON, **PER_RANK})
+    single = micro_batches(one, Shard((0, 1), range(4)), iteration=5)
+    ranks = [micro_batches(per_rank, Shard((r,), range(4)), iteration=5) for r in range(2)]
+    assert len(single) == 4 and all(len(r) == 2 for r in ranks)
+    for step in range(2):
+        rows_single = sorted(torch.cat([rows for rows, _ in single[2 * step:2 * step + 2]]).tolist())
+        rows_ranks = sorted(torch.cat([ranks[r][step][0] + 4 * r for r in range(2)]).tolist())   # rank r's rows follow rank 0's
+        assert rows_single == rows_ranks
+        assert single[2 * step][1].initial_seed() == ranks[0][step][1].initial_seed()
+    assert sorted(torch.cat([rows for rows, _ in single]).tolist()) == list(range(8))       # every sample once
+
+
+# --------------------------------------------------------------------------- several processes
+
+GATHER_WORKER = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from mixgrpo.distributed import World, gather_group_advantages, score_on_rank0
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    world = World(rank=rank, world_size=2)
+    spec = json.loads(sys.argv[1])
+    mine = spec["ranks"][rank]
+    rewards = {name: torch.tensor(values[rank], dtype=torch.float32) for name, values in spec["rewards"].items()}
+    advantages, stats, gathered = gather_group_advantages(world, rewards, torch.tensor(mine), optimised=["a", "b"],
+                                                          weights={"a": 3.0, "b": 1.0})
+    images = torch.full((len(mine), 3, 2, 2), float(rank + 1))
+    scorers = {"mean": lambda im, prompts: im.mean(dim=(1, 2, 3)) * len(prompts[0])} if rank == 0 else {}
+    scored = score_on_rank0(world, scorers, ["mean"], images, ["x" * (rank + 1)] * len(mine))
+    json.dump({"advantages": advantages.tolist(), "gathered": {k: v.tolist() for k, v in gathered.items()},
+               "scored": scored["mean"].tolist()}, open(spec["out"] + f"/rank{rank}.json", "w"))
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.integration
+def test_groups_spread_over_ranks_get_the_one_process_advantages(tmp_path):
+    """Group 0 has samples on both ranks, group 1 only on rank 0, group 2 only on rank 1; a failed (NaN) score is masked."""
+    nan = float("nan")
+    spec = {"out": str(tmp_path), "ranks": [[0, 0, 1, 1, 1], [2, 0, 2, 2, 0]],
+            "rewards": {"a": [[0.1, 0.5, 0.3, 0.9, 0.2], [1.0, 0.7, 0.0, 2.0, nan]],
+                        "b": [[5.0, 4.0, 3.0, 1.0, 2.0], [0.0, 1.0, 3.0, 3.0, 2.0]],
+                        "held_out": [[1.0] * 5, [2.0] * 5]}}
+    (tmp_path / "worker.py").write_text(GATHER_WORKER)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(tmp_path / "worker.py"), json.dumps(spec)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    flat = {name: torch.tensor(values[0] + values[1]) for name, values in spec["rewards"].items() if name != "held_out"}
+    expected, _ = group_advantages_with_stats(flat, torch.tensor(spec["ranks"][0] + spec["ranks"][1]), weights={"a": 3.0, "b": 1.0})
+    got = torch.tensor(results[0]["advantages"] + results[1]["advantages"])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert results[0]["gathered"]["held_out"] == results[1]["gathered"]["held_out"] == [1.0] * 5 + [2.0] * 5
+    assert results[0]["scored"] == [1.0] * 5 and results[1]["scored"] == [4.0] * 5      # rank 0 scored rank 1's images
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("engine, extra", [("ddp", []), ("fsdp", ["distributed.reward_ranks=rank0", "model.gradient_checkpointing=true"])],
+                         ids=["ddp", "fsdp-rank0-rewards-checkpointing"])
+def test_two_processes_end_with_the_one_process_weights(tiny_model_dir, one_process_run, tmp_path, engine, extra):
+    run = launch(engine, tmp_path / engine, tiny_model_dir, *extra)
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    base = load_file(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert_same_weights(final_weights(one_process_run), final_weights(tmp_path / engine), base)
+    assert (tmp_path / engine / "final" / "transformer" / "config.json").is_file()
+    records = [json.loads(line) for line in (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in steps] == list(range(1, ITERATIONS + 1))            # rank 0 logs, once
+    assert all(r["samples"] == 8 and r["processes"] == 2 and r["optimizer_steps"] == 2 for r in steps)
+    one = [json.loads(line) for line in (one_process_run / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip([r for r in one if "loss" in r], steps):                         # same global rewards
+        assert a["rewards"]["toy_object_color"]["mean"] == pytest.approx(b["rewards"]["toy_object_color"]["mean"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_killed_rank_fails_the_job_fast_and_resume_completes_it(tiny_model_dir, one_process_run, tmp_path):
+    output = tmp_path / "killed"
+    run = launch("fsdp", output, tiny_model_dir)
+    deadline = time.time() + 300
+    while time.time() < deadline and not checkpoint_dirs(output) and run.poll() is None:
+        time.sleep(0.05)
+    victim = _rank_pid_by_parent(run.pid, rank=1)
+    assert victim is not None and run.poll() is None, "no running rank 1 found: " + (run.stderr.read() if run.poll() is not None else "")
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    out, err = run.communicate(timeout=120)
+    elapsed = time.time() - killed_at
+    done = checkpoint_dirs(output)
+    assert done and int(done[-1].name.split("-")[1]) < ITERATIONS, "the run finished before it could be killed"
+    assert run.returncode != 0
+    assert elapsed < 60, f"the surviving rank took {elapsed:.0f} s to give up"
+    assert "training failed with exit code" in err and "--resume" in err
+    assert "rank: 1" in err or "local_rank: 1" in err, err[-2000:]                   # torchrun names the dead rank
+
+    resumed = launch("fsdp", output, tiny_model_dir, "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    base = load_file(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert_same_weights(final_weights(one_process_run), final_weights(output), base)
+
+
+def _rank_pid_by_parent(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the worker with RANK=rank among the launcher's descendants (torchrun's children)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(proc.name))
+    stack = list(children.get(launcher_pid, []))
+    while stack:
+        pid = stack.pop()
+        try:
+            if f"RANK={rank}".encode() in (Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
+                return pid
+        except OSError:
+            pass
+        stack.extend(children.get(pid, []))
+    return None
