@@ -131,7 +131,7 @@ GATHER_WORKER = textwrap.dedent("""
     advantages, stats, gathered = gather_group_advantages(world, rewards, torch.tensor(mine), optimised=["a", "b"],
                                                           weights={"a": 3.0, "b": 1.0})
     images = torch.full((len(mine), 3, 2, 2), float(rank + 1))
-    scorers = {"mean": lambda im, prompts: im.mean(dim=(1, 2, 3)) * len(prompts[0])} if rank == 0 else {}
+    scorers = {"mean": lambda im, prompts: im.mean(dim=(1, 2, 3)) * torch.tensor([float(len(p)) for p in prompts])} if rank == 0 else {}
     scored = score_on_rank0(world, scorers, ["mean"], images, ["x" * (rank + 1)] * len(mine))
     json.dump({"advantages": advantages.tolist(), "gathered": {k: v.tolist() for k, v in gathered.items()},
                "scored": scored["mean"].tolist()}, open(spec["out"] + f"/rank{rank}.json", "w"))
@@ -229,3 +229,23 @@ def _rank_pid_by_parent(launcher_pid: int, rank: int) -> int | None:
             pass
         stack.extend(children.get(pid, []))
     return None
+
+
+def test_checkpoints_are_mirrored_to_the_store_and_resume_from_it(tiny_model_dir, tmp_path):
+    """checkpoint_uri=file://...: every checkpoint and the final weights are published (manifest last);
+    --resume with an empty output_dir fetches the newest complete one and ends with the same weights."""
+    from mixgrpo.storage import latest_complete, read_manifest
+
+    store = f"file://{tmp_path / 'store'}"
+    values = {**COMMON, **ONE_PROCESS, "model.path": str(tiny_model_dir), "checkpoint_uri": store,
+              "rewards.held_out": [], "max_iterations": 2}
+    train(load_config(overrides={**values, "output_dir": str(tmp_path / "first")}))
+    assert latest_complete(store, "checkpoint-").endswith("checkpoint-000002")
+    assert read_manifest(f"{store}/final").metadata["iteration"] == 2
+    train(load_config(overrides={**values, "output_dir": str(tmp_path / "elsewhere"), "max_iterations": 3}), resume=True)
+    metrics = [json.loads(line) for line in (tmp_path / "elsewhere" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in metrics if "loss" in r] == [3]                  # iterations 1-2 came from the store
+    train(load_config(overrides={**values, "output_dir": str(tmp_path / "straight"), "max_iterations": 3,
+                                 "checkpoint_uri": ""}))
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "elsewhere")
+    assert all(torch.equal(a[k], b[k]) for k in a)

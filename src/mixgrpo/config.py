@@ -155,7 +155,9 @@ class DistributedConfig:
     engine: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
     """"none": one process; "ddp": replicated weights, averaged gradients; "fsdp": FSDP2 full shard
     (each FluxTransformerBlock / FluxSingleTransformerBlock wrapped, weights consolidated on rank 0 to
-    save); "deepspeed": ZeRO through accelerate with ``deepspeed_config``."""
+    save; activation checkpointing with model.gradient_checkpointing); "deepspeed": ZeRO through
+    accelerate -- the launch files ship (configs/accelerate/zero*.yaml, configs/deepspeed/), the
+    training loop does not drive a DeepSpeed engine yet and stops with an error naming ddp / fsdp."""
     zero_stage: Literal[2, 3] = 2
     """engine=deepspeed: ZeRO stage; picks configs/deepspeed/zero{stage}.json unless deepspeed_config is set."""
     deepspeed_config: str = ""
