@@ -815,5 +815,7 @@ def latest_complete(uri_prefix: str, pattern: str = "checkpoint-", settings: S3S
     """
     store = open_store(uri_prefix, settings)
     regex = re.compile(rf"{re.escape(pattern)}(\d+)/{re.escape(MANIFEST_NAME)}")
-    numbers = [int(m.group(1)) for key in store.list(pattern) if (m := regex.fullmatch(key))]
-    return store.uri_for(f"{pattern}{max(numbers)}") if numbers else None
+    found = {m.group(1): int(m.group(1)) for key in store.list(pattern) if (m := regex.fullmatch(key))}
+    if not found:
+        return None
+    return store.uri_for(f"{pattern}{max(found, key=found.__getitem__)}")  # the name as stored (zero-padded or not)

@@ -1,0 +1,14 @@
+"""KFP components of the MixGRPO pipeline: one module per step, thin wrappers over ``mixgrpo``.
+
+Each component imports ``mixgrpo`` inside its function body (the function's source is what runs
+in the container); the logic lives in :mod:`mixgrpo.pipeline_steps` and the modules it calls.
+"""
+
+from components.cache_rewards import cache_rewards
+from components.evaluate import evaluate
+from components.prepare_prompts import prepare_prompts
+from components.promote import promote
+from components.register import register
+from components.train import train
+
+__all__ = ["prepare_prompts", "cache_rewards", "train", "evaluate", "register", "promote"]

@@ -1,0 +1,55 @@
+"""prepare-prompts: read, clean, validate (great-expectations), split and publish the prompt data set."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Markdown, Output
+
+from components.images import RUNTIME_IMAGE
+
+
+@dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
+def prepare_prompts(
+    prompt_uri: str,
+    object_store_uri: str,
+    pipeline_run_id: str,
+    validation_report: Output[Markdown],
+    column: str = "",
+    test_fraction: float = 0.2,
+    min_prompts: int = 16,
+    seed: int = 0,
+) -> NamedTuple("PreparedPrompts", prompts_uri=str, dataset_hash=str, n_train=int, n_test=int):
+    """Prepare the prompt data set: clean, validate with great-expectations, split train / test, publish.
+
+    Args:
+        prompt_uri: Prompt file (txt / csv / jsonl / json / parquet), local path, file:// or s3://; "" = the toy world's prompts.
+        object_store_uri: Object-store root (s3://BUCKET/PREFIX or file:///DIR); the data set goes to runs/RUN_ID/prompts.
+        pipeline_run_id: The KFP run id (names the run's prefix).
+        validation_report: The validation report (cleaning counts, every expectation, failing rows), also when it fails.
+        column: Prompt column of csv / jsonl / parquet; "" = the first of prompt, caption, text.
+        test_fraction: Share of prompts held out for evaluation.
+        min_prompts: Fewer prompts after cleaning fail the validation suite.
+        seed: Seed of the train / test split.
+
+    Returns:
+        prompts_uri: The published data set (MANIFEST.json last); dataset_hash: its content hash; n_train / n_test: split sizes.
+    """
+    import shutil
+    import tempfile
+    from collections import namedtuple
+    from pathlib import Path
+
+    from mixgrpo.pipeline_steps import RunLayout, prepare_step
+
+    layout = RunLayout(object_store_uri, pipeline_run_id)
+    report_dir = Path(tempfile.mkdtemp(prefix="prepare-report-"))
+    try:
+        out = prepare_step(prompt_uri, layout.prompts, report_dir, column=column, test_fraction=test_fraction,
+                           min_prompts=min_prompts, seed=seed)
+    finally:  # the report is an artifact pass or fail
+        if (report_dir / "report.md").is_file():
+            Path(validation_report.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(report_dir / "report.md", validation_report.path)
+        shutil.rmtree(report_dir, ignore_errors=True)
+    outputs = namedtuple("PreparedPrompts", ["prompts_uri", "dataset_hash", "n_train", "n_test"])
+    return outputs(out.uri, out.dataset_hash, out.n_train, out.n_test)

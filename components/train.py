@@ -1,0 +1,93 @@
+"""train: MixGRPO training, in process / torchrun locally or as a Kubeflow Trainer TrainJob on a cluster."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components.images import RUNTIME_IMAGE
+
+
+@dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
+def train(
+    prompts_uri: str,
+    reward_options: str,
+    object_store_uri: str,
+    pipeline_run_id: str,
+    model_uri: str = "",
+    model_kind: str = "toy",
+    mode: str = "mixgrpo",
+    rewards: str = "toy_object_color,toy_background,toy_shape",
+    reward_weights: str = "",
+    held_out_rewards: str = "toy_heldout_realism",
+    iterations: int = 40,
+    group_size: int = 8,
+    prompts_per_iteration: int = 4,
+    train_batch_size: int = 8,
+    learning_rate: float = 1e-5,
+    window_size: int = 4,
+    window_shift_interval: int = 10,
+    window_strategy: str = "",
+    seed: int = 714,
+    executor: str = "local",
+    num_nodes: int = 1,
+    gpus_per_node: int = 1,
+    engine: str = "none",
+    extra_overrides: str = "",
+    train_namespace: str = "",
+    kueue_queue: str = "",
+    train_timeout_hours: float = 72.0,
+) -> NamedTuple("Trained", weights_uri=str, metrics_uri=str, config_hash=str, config_json=str):
+    """Train the policy with MixGRPO; checkpoints and the final weights go to OBJECT_STORE/runs/RUN_ID/train.
+
+    Args:
+        prompts_uri: The prepared prompt data set.
+        reward_options: rewards.options JSON from cache-rewards (cached weight URIs).
+        object_store_uri: Object-store root.
+        pipeline_run_id: The KFP run id.
+        model_uri: Base model: "" = the built-in toy model; else a diffusers directory or s3:// prefix.
+        model_kind: toy or flux.
+        mode: mixgrpo, mixgrpo-flash, mixgrpo-flash-star, dancegrpo or flow-grpo.
+        rewards: Optimised rewards, comma-separated.
+        reward_weights: name=weight pairs; "" = equal weights.
+        held_out_rewards: Measured, never optimised.
+        iterations: Training iterations.
+        group_size: Images per prompt (GRPO group).
+        prompts_per_iteration: Prompts per iteration per process.
+        train_batch_size: Trajectories per micro-batch.
+        learning_rate: AdamW learning rate.
+        window_size: SDE steps in the sliding window.
+        window_shift_interval: Iterations before the window moves.
+        window_strategy: progressive, random, frozen, ...; "" = the mode's preset.
+        seed: Training seed.
+        executor: local (this pod / machine) or kubernetes (a Kubeflow Trainer TrainJob).
+        num_nodes: Nodes of the TrainJob (local: 1).
+        gpus_per_node: Processes (GPUs) per node; locally more than 1 runs torchrun.
+        engine: none, ddp, fsdp or deepspeed.
+        extra_overrides: More config overrides, section.key=value per line.
+        train_namespace: TrainJob namespace; "" = the pod's own.
+        kueue_queue: Kueue LocalQueue of the TrainJob; "" = none.
+        train_timeout_hours: The TrainJob is stopped after this long.
+
+    Returns:
+        weights_uri: the tuned weights (transformer/ inside, MANIFEST.json); metrics_uri; config_hash; config_json.
+    """
+    import json
+    import tempfile
+    from collections import namedtuple
+
+    from mixgrpo.pipeline_steps import RunLayout, train_overrides, train_step
+
+    overrides = train_overrides(
+        model_uri=model_uri, model_kind=model_kind, mode=mode, rewards=rewards, reward_weights=reward_weights,
+        held_out=held_out_rewards, reward_options=json.loads(reward_options or "{}"), iterations=iterations,
+        group_size=group_size, prompts_per_iteration=prompts_per_iteration, train_batch_size=train_batch_size,
+        learning_rate=learning_rate, window_size=window_size, window_shift_interval=window_shift_interval,
+        window_strategy=window_strategy, seed=seed, engine=engine, extra=extra_overrides)
+    layout = RunLayout(object_store_uri, pipeline_run_id)
+    with tempfile.TemporaryDirectory(prefix="mixgrpo-train-") as workdir:
+        out = train_step(overrides, prompts_uri, layout, workdir, executor=executor, num_nodes=num_nodes,
+                         procs_per_node=gpus_per_node,
+                         kubernetes={"namespace": train_namespace, "queue": kueue_queue,
+                                     "timeout_s": train_timeout_hours * 3600})
+    outputs = namedtuple("Trained", ["weights_uri", "metrics_uri", "config_hash", "config_json"])
+    return outputs(out.weights_uri, out.metrics_uri, out.config_hash, json.dumps(overrides))
