@@ -1,4 +1,4 @@
-"""register: an MLflow model version whose source is the weights URI, alias challenger, plus the gate verdict."""
+"""register: an MLflow model version whose source is the weights URI, alias challenger."""
 
 from typing import NamedTuple
 
@@ -22,8 +22,7 @@ def register(
     experiment: str = "mixgrpo",
     git_sha: str = "",
     gate_metric: str = "reward_normalized_mean",
-    gate_margin: float = 0.0,
-) -> NamedTuple("Registered", version=str, promote=bool, decision=str, mlflow_run_id=str):
+) -> NamedTuple("Registered", version=str, mlflow_run_id=str):
     """Log the run (metrics, reward curves, grid, report) to MLflow and register the weights as a new version.
 
     Idempotent on the pipeline run id: a retried step reuses its MLflow run and model version.
@@ -41,11 +40,10 @@ def register(
         model_name: Registered model name.
         experiment: MLflow experiment of the run.
         git_sha: Commit of the code (tag); "" = the image's commit.
-        gate_metric: Metric the promotion gate compares.
-        gate_margin: The candidate must beat the champion by more than this.
+        gate_metric: Metric the promotion gate compares (checked here: it must be an evaluation metric).
 
     Returns:
-        version: the model version; promote: the gate's verdict; decision: the verdict with its reason (JSON); mlflow_run_id.
+        version: the model version (alias challenger); mlflow_run_id: the MLflow run with metrics, curves and report.
     """
     import json
     from collections import namedtuple
@@ -56,7 +54,7 @@ def register(
         tracking_uri=mlflow_tracking_uri, model_name=model_name, experiment=experiment, weights_uri=weights_uri,
         pipeline_run_id=pipeline_run_id, metrics=json.loads(metrics_json), eval_uri=eval_uri, metrics_uri=metrics_uri,
         git_sha=git_sha, config_hash=config_hash, dataset_hash=dataset_hash, params=json.loads(config_json),
-        gate_metric=gate_metric, gate_margin=gate_margin)
-    print(f"registered {model_name} version {out.version} (aliases {list(out.aliases)}); gate: {out.decision}")
-    outputs = namedtuple("Registered", ["version", "promote", "decision", "mlflow_run_id"])
-    return outputs(out.version, out.promote, out.decision, out.mlflow_run_id)
+        gate_metric=gate_metric)
+    print(f"registered {model_name} version {out.version} (aliases {list(out.aliases)}), MLflow run {out.mlflow_run_id}")
+    outputs = namedtuple("Registered", ["version", "mlflow_run_id"])
+    return outputs(out.version, out.mlflow_run_id)

@@ -1,4 +1,4 @@
-"""The MixGRPO DAG: prepare-prompts + cache-rewards -> train -> evaluate -> register -> [gate] promote.
+"""The MixGRPO DAG: prepare-prompts + cache-rewards -> train -> evaluate -> register -> gate -> [if] promote.
 
 Heavy data moves by object-store URI (string parameters); small outputs are KFP artifacts the UI
 renders (validation report, metrics, HTML / Markdown report with the image grid). Compile with
@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 
-from components import cache_rewards, evaluate, prepare_prompts, promote, register, train
+from components import cache_rewards, evaluate, gate, prepare_prompts, promote, register, train
 
 PIPELINE_NAME = "mixgrpo"
 S3_SECRET = "mixgrpo-s3"  # = mixgrpo.launcher.S3_SECRET (manifests/secrets/s3.template.yaml)
@@ -160,11 +160,16 @@ def mixgrpo_pipeline(
         config_json=trained.outputs["config_json"], config_hash=trained.outputs["config_hash"],
         dataset_hash=prepared.outputs["dataset_hash"], pipeline_run_id=run_id,
         mlflow_tracking_uri=mlflow_tracking_uri, model_name=mlflow_model_name, experiment=mlflow_experiment,
-        git_sha=git_sha, gate_metric=gate_metric, gate_margin=gate_margin)
+        git_sha=git_sha, gate_metric=gate_metric)
     registered.set_display_name("Register in MLflow").set_caching_options(False).set_retry(**S3_RETRY)
     _secret_env(registered, mlflow=True)
 
-    with dsl.If(registered.outputs["promote"] == True, name="gate-beats-champion"):  # noqa: E712 - KFP condition
+    gated = gate(version=registered.outputs["version"], mlflow_tracking_uri=mlflow_tracking_uri,
+                 model_name=mlflow_model_name, gate_metric=gate_metric, gate_margin=gate_margin)
+    gated.set_display_name("Promotion gate").set_caching_options(False).set_retry(**S3_RETRY)
+    _secret_env(gated, s3=False, mlflow=True)
+
+    with dsl.If(gated.output == True, name="beats-champion"):  # noqa: E712 - a KFP condition, not Python
         promoted = promote(version=registered.outputs["version"], mlflow_tracking_uri=mlflow_tracking_uri,
                            model_name=mlflow_model_name, gate_metric=gate_metric, gate_margin=gate_margin)
         promoted.set_display_name("Promote to champion").set_caching_options(False).set_retry(**S3_RETRY)

@@ -114,6 +114,18 @@ def _cmd_rewards_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run_local(args: argparse.Namespace) -> int:
+    from pipelines.local import main as run_local_main  # kfp is imported here, never by the library
+
+    return run_local_main(args)
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from pipelines.cluster import main as pipeline_main
+
+    return pipeline_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixgrpo",
@@ -191,6 +203,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", required=True, help="object-store prefix, e.g. s3://bucket/rewards")
     p.add_argument("--version", required=True, help="version label, e.g. v2.1")
     p.set_defaults(func=_cmd_rewards_cache)
+
+    p = sub.add_parser("run-local", help="the main job: the whole pipeline through kfp.local on the built-in toy model",
+                       epilog="defaults: object store runs/local/store (file://), MLflow runs/local/mlflow.db (sqlite)")
+    p.add_argument("--store", help="object-store root, e.g. s3://bucket/prefix (credentials from AWS_* variables)")
+    p.add_argument("--mlflow", help="MLflow tracking URI, e.g. http://127.0.0.1:5000")
+    p.add_argument("--iterations", type=int, help="training iterations (pipeline default: 40)")
+    p.add_argument("--gate-margin", type=float, help="the new version must beat the champion by more than this")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="any pipeline parameter (repeatable)")
+    p.set_defaults(func=_cmd_run_local)
+
+    pipe = sub.add_parser("pipeline", help="compile the pipeline, submit / schedule it on Kubeflow Pipelines")
+    actions = pipe.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (("compile", "write the pipeline YAML"),
+                         ("submit", "upload a pipeline version named by the git sha and start a run"),
+                         ("schedule", "upload a version and create a recurring run")):
+        p = actions.add_parser(action, help=text)
+        p.add_argument("--image-tag", help="image tag in the YAML (compile: v<version>; submit/schedule: the git sha)")
+        p.add_argument("--registry", help="image registry (default: $MIXGRPO_IMAGE_REGISTRY)")
+        if action == "compile":
+            p.add_argument("--output", default=None, help="output file (default: pipelines/mixgrpo_pipeline.yaml)")
+        else:
+            p.add_argument("--host", help="KFP API endpoint (default: $KFP_HOST)")
+            p.add_argument("--token", help="bearer token (default: $KFP_TOKEN)")
+            p.add_argument("--namespace", help="Kubeflow profile namespace (default: $KFP_NAMESPACE)")
+            p.add_argument("--experiment", default="mixgrpo", help="KFP experiment")
+            p.add_argument("--pipeline-name", default="mixgrpo", help="KFP pipeline the version is added to")
+            p.add_argument("--git-sha", help="version name and git_sha tag (default: $GITHUB_SHA / git rev-parse)")
+            p.add_argument("--service-account", default="mixgrpo-launcher", help="ServiceAccount of the run's pods")
+            p.add_argument("--param", action="append", metavar="NAME=VALUE", help="pipeline parameter (repeatable)")
+            if action == "submit":
+                p.add_argument("--wait", type=int, default=0, metavar="SECONDS", help="wait for the run; exit 1 unless it succeeds")
+            else:
+                p.add_argument("--cron", default="0 0 3 * * 1", help="KFP cron (6 fields, seconds first): default Mondays 03:00")
+        p.set_defaults(func=_cmd_pipeline)
     return parser
 
 

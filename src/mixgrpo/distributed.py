@@ -123,8 +123,6 @@ def shard_for(cfg: TrainConfig, world: World) -> Shard:
     if n % w:
         raise ConfigError(f"distributed.split_groups needs sampling.group_size ({n}) divisible by the "
                           f"number of processes ({w}); change group_size or the process count")
-    if cfg.sampling.shared_prefix and not cfg.sampling.init_same_noise:  # pragma: no cover - config forbids it
-        raise ConfigError("sampling.shared_prefix needs init_same_noise")
     per_rank = n // w
     return Shard(tuple(range(p)), range(r * per_rank, (r + 1) * per_rank))
 

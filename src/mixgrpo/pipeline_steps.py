@@ -464,8 +464,6 @@ class RegisterOutput:
     version: str
     aliases: tuple[str, ...]
     mlflow_run_id: str
-    promote: bool  # the gate's verdict
-    decision: str  # PromotionDecision as JSON
 
 
 def _history(metrics_jsonl: Path) -> dict[str, list[float]]:
@@ -483,20 +481,25 @@ def _history(metrics_jsonl: Path) -> dict[str, list[float]]:
 def register_step(*, tracking_uri: str, model_name: str, experiment: str, weights_uri: str, pipeline_run_id: str,
                   metrics: Mapping[str, float], eval_uri: str, metrics_uri: str, git_sha: str = "",
                   config_hash: str = "", dataset_hash: str = "", params: Mapping[str, Any] | None = None,
-                  gate_metric: str = GATE_METRIC, gate_margin: float = 0.0) -> RegisterOutput:
+                  gate_metric: str = GATE_METRIC) -> RegisterOutput:
     """register: an MLflow run with the metrics, curves, grid and report, then a model version.
 
     The version's source is ``weights_uri`` (no copy), alias ``challenger``, tags per
     :func:`mixgrpo.registry.version_tags`. A retry with the same ``pipeline_run_id`` reuses the run
-    and the version. The store is checked first: when MLflow is unreachable nothing is written.
-    Then the promotion gate is evaluated (read-only) so the pipeline can branch on it.
+    and the version. Inputs and the store are checked first: when MLflow is unreachable, or
+    ``gate_metric`` is not among the metrics (the gate could never decide), nothing is written.
     """
-    from mixgrpo.registry import RegistryError, decide_promotion, log_training_run, register_model
-    from mixgrpo.storage import NotFoundError, fetch_dir
+    from mixgrpo.registry import RegistryError, log_training_run, register_model
+    from mixgrpo.storage import NotFoundError, StorageError, fetch_dir, read_manifest
 
     if gate_metric not in metrics:
         raise RegistryError(f"gate_metric {gate_metric!r} is not an evaluation metric; choose one of "
                             f"{sorted(metrics)}")
+    try:
+        read_manifest(weights_uri)  # complete weights, or nothing is registered
+    except StorageError as exc:
+        raise RegistryError(f"weights_uri {weights_uri}: no published weights there ({exc}); nothing was "
+                            "registered") from exc
     settings = registry_settings(tracking_uri, model_name)
     client = settings.connect()  # fails fast, before anything is fetched or written
     git_sha = resolve_git_sha(git_sha)
@@ -523,9 +526,16 @@ def register_step(*, tracking_uri: str, model_name: str, experiment: str, weight
     version = register_model(client, settings.model_name, weights_uri, pipeline_run_id=pipeline_run_id,
                              git_sha=git_sha, config_hash=config_hash, dataset_hash=dataset_hash, metrics=metrics,
                              mlflow_run_id=run_id, description=f"MixGRPO pipeline run {pipeline_run_id}")
-    decision = decide_promotion(client, settings.model_name, version.version, gate_metric, gate_margin)
-    return RegisterOutput(str(version.version), tuple(sorted(version.aliases)), run_id, decision.promote,
-                          decision.to_json())
+    return RegisterOutput(str(version.version), tuple(sorted(version.aliases)), run_id)
+
+
+def gate_step(*, tracking_uri: str, model_name: str, version: str, gate_metric: str = GATE_METRIC,
+              gate_margin: float = 0.0):  # noqa: ANN201 - PromotionDecision
+    """The promotion gate (read-only): does ``version`` beat the ``champion`` by ``gate_margin`` on ``gate_metric``?"""
+    from mixgrpo.registry import decide_promotion
+
+    settings = registry_settings(tracking_uri, model_name)
+    return decide_promotion(settings.connect(), settings.model_name, version, gate_metric, gate_margin)
 
 
 def promote_step(*, tracking_uri: str, model_name: str, version: str, gate_metric: str = GATE_METRIC,
@@ -533,8 +543,8 @@ def promote_step(*, tracking_uri: str, model_name: str, version: str, gate_metri
     """promote: decide again (the champion may have moved since register) and move ``champion`` when it wins."""
     from mixgrpo.registry import decide_promotion, promote
 
-    client = registry_settings(tracking_uri, model_name).connect()
-    name = registry_settings(tracking_uri, model_name).model_name
+    settings = registry_settings(tracking_uri, model_name)
+    client, name = settings.connect(), settings.model_name
     decision = decide_promotion(client, name, version, gate_metric, gate_margin)
     if decision.promote:
         promote(client, name, version, decision)
