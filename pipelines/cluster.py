@@ -92,7 +92,7 @@ def submit(args: Any, *, recurring: bool = False) -> int:
     kfp_client = client(args.host, args.token, args.namespace)
     with tempfile.TemporaryDirectory(prefix="mixgrpo-compile-") as tmp:
         package = compile_pipeline(Path(tmp) / "mixgrpo_pipeline.yaml", image_tag=args.image_tag or sha,
-                                   registry=args.registry)
+                                   registry=args.registry or os.environ.get("MIXGRPO_IMAGE_REGISTRY"))
         pipeline_id, version_id = upload_version(kfp_client, package, sha, args.pipeline_name)
     experiment = kfp_client.create_experiment(args.experiment, namespace=args.namespace)
     host = kfp_client._get_url_prefix()  # kfp.Client builds its own links the same way

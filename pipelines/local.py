@@ -41,8 +41,12 @@ class LocalRunResult:
     arguments: dict[str, Any] = field(default_factory=dict)
 
 
-def run_local(store: str | None = None, mlflow: str | None = None, **params: Any) -> LocalRunResult:
-    """Run the pipeline with ``kfp.local``; ``params`` are pipeline parameters (the embedded defaults fill the rest)."""
+def run_local(store: str | None = None, mlflow: str | None = None, *, local_dir: str | Path | None = None,
+              **params: Any) -> LocalRunResult:
+    """Run the pipeline with ``kfp.local``; ``params`` are pipeline parameters (the embedded defaults fill the rest).
+
+    ``local_dir`` (default ``runs/local``) holds KFP's local pipeline root and the fetched report.
+    """
     import kfp.local
 
     from mixgrpo.pipeline_steps import registry_settings
@@ -51,10 +55,11 @@ def run_local(store: str | None = None, mlflow: str | None = None, **params: Any
     from pipelines.mixgrpo_pipeline import mixgrpo_pipeline
 
     started = time.perf_counter()
-    LOCAL_DIR.mkdir(parents=True, exist_ok=True)
+    local = Path(local_dir) if local_dir else LOCAL_DIR
+    local.mkdir(parents=True, exist_ok=True)
     arguments = {"object_store_uri": store or default_store(), "mlflow_tracking_uri": mlflow or default_mlflow(),
                  "executor": "local", **params}
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(LOCAL_DIR / "kfp"),
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(local / "kfp"),
                    raise_on_error=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     task = mixgrpo_pipeline(**arguments)
@@ -64,7 +69,8 @@ def run_local(store: str | None = None, mlflow: str | None = None, **params: Any
     client = settings.connect()
     aliases = sorted(client.get_model_version(settings.model_name, version).aliases)
     champion = alias_version(client, settings.model_name, CHAMPION)
-    report_dir = LOCAL_DIR / "reports" / f"{settings.model_name.replace('/', '_')}-v{version}"
+    run_id = outputs["eval_uri"].rstrip("/").split("/")[-2]  # .../runs/RUN_ID/eval
+    report_dir = local / "reports" / run_id
     fetch_dir(outputs["eval_uri"], report_dir)
     metrics = json.loads((report_dir / "metrics.json").read_text())
     return LocalRunResult(outputs["weights_uri"], version, aliases, champion, outputs["eval_uri"], report_dir, metrics,

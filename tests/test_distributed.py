@@ -162,9 +162,14 @@ def test_groups_spread_over_ranks_get_the_one_process_advantages(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.parametrize("engine, extra", [("ddp", []), ("fsdp", ["distributed.reward_ranks=rank0", "model.gradient_checkpointing=true"])],
-                         ids=["ddp", "fsdp-rank0-rewards-checkpointing"])
+@pytest.mark.parametrize("engine, extra", [
+    ("ddp", []),
+    ("fsdp", ["distributed.reward_ranks=rank0", "model.gradient_checkpointing=true"]),
+    ("deepspeed", ["distributed.zero_stage=3"]),
+], ids=["ddp", "fsdp-rank0-rewards-checkpointing", "deepspeed-zero3"])
 def test_two_processes_end_with_the_one_process_weights(tiny_model_dir, one_process_run, tmp_path, engine, extra):
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed", reason="pip install -e '.[distributed]'")
     run = launch(engine, tmp_path / engine, tiny_model_dir, *extra)
     out, err = run.communicate(timeout=600)
     assert run.returncode == 0, err[-3000:]

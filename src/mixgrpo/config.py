@@ -155,9 +155,10 @@ class DistributedConfig:
     engine: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
     """"none": one process; "ddp": replicated weights, averaged gradients; "fsdp": FSDP2 full shard
     (each FluxTransformerBlock / FluxSingleTransformerBlock wrapped, weights consolidated on rank 0 to
-    save; activation checkpointing with model.gradient_checkpointing); "deepspeed": ZeRO through
-    accelerate -- the launch files ship (configs/accelerate/zero*.yaml, configs/deepspeed/), the
-    training loop does not drive a DeepSpeed engine yet and stops with an error naming ddp / fsdp."""
+    save; activation checkpointing with model.gradient_checkpointing); "deepspeed": ZeRO-2/3 engine
+    (``pip install -e '.[distributed]'``; launch files in configs/accelerate/zero*.yaml and
+    configs/deepspeed/; its checkpoints hold the weights but not the ZeRO optimiser shards, so a
+    DeepSpeed run cannot be resumed yet -- use fsdp for resumable sharded runs)."""
     zero_stage: Literal[2, 3] = 2
     """engine=deepspeed: ZeRO stage; picks configs/deepspeed/zero{stage}.json unless deepspeed_config is set."""
     deepspeed_config: str = ""

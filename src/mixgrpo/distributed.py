@@ -23,7 +23,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ from mixgrpo.grpo import AdvantageStats, group_advantages_with_stats
 
 ENGINES = ("none", "ddp", "fsdp", "deepspeed")
 FSDP_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+DEEPSPEED_MARK = "deepspeed_weights_only"
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -210,12 +211,70 @@ def wrap_module(module: torch.nn.Module, world: World) -> torch.nn.Module:
             fully_shard(block)
         fully_shard(module)
         return module
-    raise ConfigError(f"distributed.engine={world.engine} is not supported by this trainer loop yet; "
-                      "use distributed.engine=ddp or fsdp (configs/accelerate/ ships the DeepSpeed files)")
+    raise ConfigError(f"distributed.engine={world.engine} wraps the model together with its optimiser; use prepare()")
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+def prepare(module: torch.nn.Module, world: World, cfg: TrainConfig,
+            make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+            ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """(module for forward/backward, optimiser) for the engine; the optimiser sees the wrapped parameters."""
+    if world.engine != "deepspeed" or not world.distributed:
+        wrapped = wrap_module(module, world)
+        return wrapped, make_optimizer([p for p in wrapped.parameters() if p.requires_grad])
+    if world.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # reuses the process group
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=module, optimizer=make_optimizer([p for p in module.parameters() if p.requires_grad]),
+        config=deepspeed_config(cfg))
+    return engine, optimizer
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The DeepSpeed JSON with the trainer's values filled in: the loop owns the accumulation boundary
+    (``managed_gradient_accumulation: false``, one ``step()`` per optimiser step) and the clipping norm."""
+    import json
+
+    d = cfg.distributed
+    path = Path(d.deepspeed_config) if d.deepspeed_config else CONFIG_ROOT / "deepspeed" / f"zero{d.zero_stage}.json"
+    if not path.is_file():
+        raise ConfigError(f"distributed.deepspeed_config: {path} does not exist; give a DeepSpeed JSON file or '' for the shipped one")
+    values = json.loads(path.read_text())
+    values.update(train_micro_batch_size_per_gpu=cfg.optim.train_batch_size,
+                  gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+                  gradient_clipping=cfg.optim.max_grad_norm, managed_gradient_accumulation=False)
+    values["bf16"] = {"enabled": False}  # weights and optimiser in float32; the trainer autocasts the forward
+    zero = values.setdefault("zero_optimization", {})
+    for key in [k for k, v in zero.items() if v == "auto"]:
+        del zero[key]  # DeepSpeed's own defaults
+    if not d.deepspeed_config:
+        zero["stage"] = d.zero_stage
+    return values
+
+
+def is_deepspeed(module: torch.nn.Module) -> bool:
+    return type(module).__name__ == "DeepSpeedEngine"
+
+
+def backward(module: torch.nn.Module, loss: torch.Tensor) -> None:
+    """``loss.backward()``; DeepSpeed accumulates through its engine (the loss is already scaled)."""
+    if is_deepspeed(module):
+        module.backward(loss, scale_wrt_gas=False)
+    else:
+        loss.backward()
+
+
+def optimizer_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip the gradient norm, step, zero the gradients; returns the norm before clipping."""
+    if is_deepspeed(module):
+        module.step()  # clips with gradient_clipping and zeroes the gradients itself
+        return float(module.get_global_grad_norm() or 0.0)
+    norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total_norm(norm)
 
 
 @contextlib.contextmanager
@@ -233,9 +292,19 @@ def gradient_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
 def full_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full (unsharded) model and optimiser state dicts on CPU, on rank 0 (empty elsewhere); collective.
 
-    Keys are parameter names (as in the diffusers safetensors), for every engine, so a checkpoint
-    written with one engine resumes with another.
+    Keys are parameter names (as in the diffusers safetensors), for DDP / FSDP / one process, so a
+    checkpoint written with one of them resumes with another. DeepSpeed: the full weights (ZeRO-3
+    gathered on rank 0) and no optimiser state (its ZeRO shards are per rank): such a checkpoint
+    gives final weights but cannot be resumed.
     """
+    if is_deepspeed(module):
+        if module.zero_optimization_partition_weights():
+            weights = module._zero3_consolidated_16bit_state_dict()
+        else:
+            weights = module.module.state_dict()
+        main = dist.get_rank() == 0
+        return ({k: v.detach().float().cpu() for k, v in weights.items()} if main and weights else {},
+                {DEEPSPEED_MARK: True})
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -245,6 +314,9 @@ def full_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
 def load_full_states(world: World, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      model_state: dict, optimizer_state: dict) -> None:
     """Load full state dicts held by rank 0 (others pass ``{}``) into every rank's (sharded) module."""
+    if is_deepspeed(module) or optimizer_state.get(DEEPSPEED_MARK):
+        raise ConfigError("resuming a distributed.engine=deepspeed run is not supported yet: its checkpoints hold "
+                          "the weights but not the per-rank ZeRO optimiser state; train with engine=fsdp or ddp to resume")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.distributed)

@@ -132,14 +132,23 @@ class PrepareOutput:
     n_test: int
 
 
-def toy_prompt_file(directory: str | Path) -> Path:
-    """The toy world's prompts (train and held-out) as one text file: the default prompt input."""
+def toy_prompt_file() -> Path:
+    """The toy world's prompts (train and held-out) as one text file, the default prompt input.
+
+    Written once to a stable path in the cache (``$MIXGRPO_CACHE/toy-prompts.txt``): the path is part
+    of the validation report, so the data set hash stays the same from run to run.
+    """
+    from mixgrpo.toy.pretrain import default_cache_dir
     from mixgrpo.toy.world import train_test_split
 
     train, test = train_test_split()
-    path = Path(directory) / "toy_prompts.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(p + "\n" for p in [*train, *test]), encoding="utf-8")
+    text = "".join(p + "\n" for p in [*train, *test])
+    path = default_cache_dir() / "toy-prompts.txt"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
     return path
 
 
@@ -148,10 +157,9 @@ def prepare_step(prompt_uri: str, output_uri: str, report_dir: str | Path, *, co
     """prepare-prompts: ``prompt_uri`` ("" = the toy world's prompts) -> a published data set at ``output_uri``."""
     from mixgrpo.data import prepare_prompts
 
-    with tempfile.TemporaryDirectory(prefix="mixgrpo-toy-prompts-") as tmp:
-        source = prompt_uri.strip() or str(toy_prompt_file(tmp))
-        prepared = prepare_prompts(source, output_uri, report_dir=report_dir, column=column or None,
-                                   test_fraction=test_fraction, min_rows=min_prompts, seed=seed)
+    source = prompt_uri.strip() or str(toy_prompt_file())
+    prepared = prepare_prompts(source, output_uri, report_dir=report_dir, column=column or None,
+                               test_fraction=test_fraction, min_rows=min_prompts, seed=seed)
     return PrepareOutput(prepared.uri, prepared.dataset_hash, prepared.n_train, prepared.n_test)
 
 
@@ -290,6 +298,9 @@ def train_step(overrides: Mapping[str, Any], prompts_uri: str, layout: RunLayout
     if executor == "local" and num_nodes != 1:
         raise StepError(f"executor=local runs on one machine; num_nodes={num_nodes} needs executor=kubernetes")
     workdir = Path(workdir)
+    overrides = dict(overrides)
+    if num_nodes * procs_per_node > 1 and overrides.get("distributed.engine", "none") == "none":
+        overrides["distributed.engine"] = "ddp"  # several processes need an engine; ddp replicates the model
     cfg = build_config({**overrides, "checkpoint_uri": layout.train})
     digest = config_hash(cfg)  # before local paths are filled in: the same parameters give the same hash
     job = workdir / "train-job"

@@ -251,7 +251,6 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
     groups = len(batch.prompts) // s.group_size
     shard = shard or Shard(tuple(range(rank * groups, (rank + 1) * groups)), range(s.group_size))
     batches = micro_batches(cfg, shard, iteration)
-    parameters = [p for p in policy.trainable_parameters()]
     stats = UpdateStats()
     clip_sum = kl_sum = loss_sum = 0.0
     terms = 0
@@ -272,17 +271,15 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
                     logp = step_fn(x, v, ro.sigmas, i, s.eta, prev_sample=x_next).log_prob
                     out = policy_loss(logp, ro.log_probs[rows, k].to(device), adv, clip_range=o.clip_range, kl_coeff=o.kl_coeff)
                     with timer.section("backward"):
-                        (out.loss / (len(steps) * len(group))).backward()
+                        distributed.backward(policy.module, out.loss / (len(steps) * len(group)))
                 stats.nfe_train += 1
                 stats.ratios.append(out.ratio_mean)
                 clip_sum += out.clip_fraction
                 kl_sum += out.approx_kl
                 loss_sum += float(out.loss.detach())
                 terms += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, o.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats.grad_norm = max(stats.grad_norm, distributed.total_norm(grad_norm))
+        grad_norm = distributed.optimizer_step(policy.module, optimizer, o.max_grad_norm)
+        stats.grad_norm = max(stats.grad_norm, grad_norm)
         stats.optimizer_steps += 1
     stats.loss = loss_sum / max(terms, 1)
     stats.clip_fraction = clip_sum / max(terms, 1)
@@ -540,7 +537,9 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
 
     policy = build_policy(cfg, dev)
     raw_module = policy.module
-    policy.module = distributed.wrap_module(raw_module, world)  # the adapter's forward goes through the engine
+    policy.module, optimizer = distributed.prepare(raw_module, world, cfg, lambda params: torch.optim.AdamW(
+        params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay))
+    # from here on the adapter's forward (``self.module(...)``) goes through the engine
     scorer = main or cfg.distributed.reward_ranks == "all"      # "rank0": reward models live on rank 0 only
     rewards = build_rewards(cfg, cfg.rewards.names, dev) if scorer else {}
     held_out_names = [n for n in cfg.rewards.held_out if n not in cfg.rewards.names]
@@ -548,8 +547,6 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
     reward_names = list(cfg.rewards.names) + held_out_names
     train_prompts = load_prompts(cfg.prompts, "train")
     eval_prompts = load_prompts(cfg.eval_prompts, "test")
-    optimizer = torch.optim.AdamW(list(policy.trainable_parameters()), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     window = build_window(cfg)
     sigmas = flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift).to(dev)
     shard = distributed.shard_for(cfg, world)

@@ -1,0 +1,357 @@
+"""The KFP pipeline: compilation, the committed YAML, and each step's logic through the library.
+
+The steps run exactly the functions the components call (``mixgrpo.pipeline_steps``) on tiny
+inputs: a ``file://`` object store in tmp_path and an sqlite MLflow store (the embedded default).
+The end-to-end run through ``kfp.local`` against real S3 and MLflow servers is in
+``test_pipeline_e2e.py``.
+"""
+
+import ast
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # components / pipelines, also before `pip install -e .` picked them up
+
+from mixgrpo import pipeline_steps as steps  # noqa: E402
+from mixgrpo.data import DataError, PromptValidationError  # noqa: E402
+from mixgrpo.registry import CHALLENGER, CHAMPION, RegistryError  # noqa: E402
+from mixgrpo.storage import NotFoundError, publish_dir, read_manifest  # noqa: E402
+
+TASKS = {"prepare-prompts", "cache-rewards", "train", "evaluate", "register", "gate", "promote"}
+
+
+# --------------------------------------------------------------------------- compile
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from kfp import compiler
+
+    from pipelines.mixgrpo_pipeline import mixgrpo_pipeline
+
+    path = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
+    compiler.Compiler().compile(mixgrpo_pipeline, str(path))
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return {"spec": docs[0], "platform": docs[1] if len(docs) > 1 else {}}
+
+
+def _all_tasks(spec: dict) -> dict[str, dict]:
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_every_ui_parameter_has_a_default_and_a_description(compiled: dict) -> None:
+    params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
+    for required in ("model_uri", "prompt_uri", "rewards", "reward_weights", "mode", "window_size",
+                     "window_shift_interval", "iterations", "group_size", "num_nodes", "gpus_per_node",
+                     "mlflow_model_name", "gate_metric", "gate_margin", "object_store_uri", "mlflow_tracking_uri"):
+        assert required in params, required
+    missing_default = [n for n, p in params.items() if "defaultValue" not in p and not p.get("isOptional")]
+    missing_description = [n for n, p in params.items() if not p.get("description")]
+    assert not missing_default and not missing_description, (missing_default, missing_description)
+
+
+def test_dag_shape_display_names_caching_retries_and_gate(compiled: dict) -> None:
+    spec = compiled["spec"]
+    tasks = _all_tasks(spec)
+    assert set(tasks) - {"condition-1", "condition-2"} >= TASKS
+    for name in TASKS:
+        assert tasks[name]["taskInfo"]["name"] != name, f"{name} has no display name"
+    for name in ("train", "evaluate", "register", "gate", "promote"):
+        assert tasks[name]["cachingOptions"].get("enableCache") is not True, f"{name} must not be cached"
+    for name in ("prepare-prompts", "cache-rewards", "evaluate", "register", "gate", "promote"):
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] >= 1, name
+    deps = {n: set(t.get("dependentTasks", [])) for n, t in tasks.items()}
+    assert deps["train"] == {"prepare-prompts", "cache-rewards"}
+    assert deps["evaluate"] >= {"train", "prepare-prompts"} and "train" in deps["register"] and "evaluate" in deps["register"]
+    conditions = [t for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")]
+    assert len(conditions) == 1 and "gate" in conditions[0]["triggerPolicy"]["condition"]
+    condition_dag = spec["components"][conditions[0]["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(condition_dag) == {"promote"}
+    assert tasks["evaluate"]["taskInfo"]["name"] and "accelerator" in json.dumps(spec["deploymentSpec"]["executors"]["exec-evaluate"])
+
+
+def test_secrets_come_from_kubernetes_secrets_never_parameters(compiled: dict) -> None:
+    executors = compiled["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-prepare-prompts", "exec-train", "exec-evaluate", "exec-register"):
+        secrets = {s["secretName"] for s in executors[name]["secretAsEnv"]}
+        assert "mixgrpo-s3" in secrets, name
+    for name in ("exec-register", "exec-gate", "exec-promote", "exec-train"):
+        assert "mixgrpo-mlflow" in {s["secretName"] for s in executors[name]["secretAsEnv"]}, name
+    params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
+    assert not [p for p in params if any(w in p.lower() for w in ("secret", "password", "token", "access_key"))]
+
+
+def test_committed_yaml_is_fresh(tmp_path: Path) -> None:
+    from pipelines.cluster import PIPELINE_YAML, compile_pipeline
+
+    fresh = compile_pipeline(tmp_path / "fresh.yaml").read_text()
+    assert PIPELINE_YAML.is_file(), "pipelines/mixgrpo_pipeline.yaml is missing: run `mixgrpo pipeline compile`"
+    assert PIPELINE_YAML.read_text() == fresh, ("pipelines/mixgrpo_pipeline.yaml is stale: run "
+                                                "`mixgrpo pipeline compile` and commit the result")
+    assert "mixgrpo-runtime:v" in fresh  # the committed file names the release tag, not a commit
+
+
+def test_cli_compile_writes_the_yaml_with_a_given_tag(tmp_path: Path) -> None:
+    from mixgrpo.cli import main
+
+    out = tmp_path / "p.yaml"
+    assert main(["pipeline", "compile", "--output", str(out), "--image-tag", "abc123def456"]) == 0
+    assert "mixgrpo-runtime:abc123def456" in out.read_text()
+    assert main(["pipeline", "submit"]) == 2  # no host: a clear error, not a traceback
+
+
+def test_layering_library_never_imports_kfp_and_components_import_mixgrpo_in_bodies() -> None:
+    def imported(nodes: list[ast.AST]) -> list[str]:
+        names = [a.name for n in nodes if isinstance(n, ast.Import) for a in n.names]
+        return [n.split(".")[0] for n in names + [n.module or "" for n in nodes if isinstance(n, ast.ImportFrom)]]
+
+    for path in (REPO / "src" / "mixgrpo").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        assert "kfp" not in imported(list(ast.walk(tree))), path
+        assert not {"components", "pipelines"} & set(imported(tree.body)), f"{path}: import pipelines lazily"
+    code = "import sys, mixgrpo.cli, mixgrpo.pipeline_steps; print(sorted(m for m in sys.modules if m.startswith('kfp')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    for path in (REPO / "components").glob("*.py"):
+        if path.name in ("__init__.py", "images.py"):
+            continue
+        top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not [n for n in top if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("mixgrpo")], path
+
+
+def test_components_and_pipelines_are_packaged_beside_the_library(tmp_path: Path) -> None:
+    """pyproject's package discovery (what `pip install -e .` installs) finds all three packages."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = {p for where in find["where"] for p in find_packages(str(REPO / where), include=find["include"])}
+    assert {"mixgrpo", "mixgrpo.toy", "components", "pipelines"} <= found
+    assert not {p for p in found if p.split(".")[0] in ("tests", "src", "images", "manifests")}
+    code = "import components, pipelines.mixgrpo_pipeline; print(components.__file__)"
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+
+
+# --------------------------------------------------------------------------- prepare-prompts
+
+
+def test_prepare_toy_prompts_by_default(tmp_path: Path) -> None:
+    store = (tmp_path / "store").as_uri()
+    layout = steps.RunLayout(store, "run-1")
+    first = steps.prepare_step("", layout.prompts, tmp_path / "report", test_fraction=0.2)
+    assert (first.n_train, first.n_test) == (72, 18)
+    assert (tmp_path / "report" / "report.md").is_file()
+    again = steps.prepare_step("", steps.RunLayout(store, "run-2").prompts, tmp_path / "r2", test_fraction=0.2)
+    assert again.dataset_hash == first.dataset_hash  # the data set's identity does not depend on where it went
+
+
+@pytest.mark.parametrize("case", ["empty", "duplicates", "wrong_column", "binary", "missing"])
+def test_bad_prompt_inputs_fail_naming_the_input_and_publish_nothing(tmp_path: Path, case: str) -> None:
+    files = {
+        "empty": ("prompts.txt", b""),
+        "duplicates": ("prompts.txt", b"a red circle on a blue background\n" * 40),
+        "wrong_column": ("prompts.csv", b"text_prompt,id\n" + b"".join(b"prompt number %d,%d\n" % (i, i) for i in range(30))),
+        "binary": ("prompts.txt", bytes(range(256)) * 8),
+    }
+    if case == "missing":
+        source = str(tmp_path / "nope" / "prompts.txt")
+    else:
+        name, data = files[case]
+        (tmp_path / name).write_bytes(data)
+        source = str(tmp_path / name)
+    out = (tmp_path / "store" / "prompts").as_uri()
+    with pytest.raises(DataError) as info:
+        steps.prepare_step(source, out, tmp_path / "report", column="prompt" if case == "wrong_column" else "")
+    message = str(info.value)
+    assert source in message
+    expected = {"empty": "empty", "duplicates": "duplicate", "wrong_column": "column", "binary": "binary",
+                "missing": "does not exist"}[case]
+    assert expected in message.lower()
+    if case == "duplicates":
+        assert isinstance(info.value, PromptValidationError)
+        assert "expect_column_values_to_be_unique" in (tmp_path / "report" / "report.md").read_text() or \
+               "at least 16" in message
+    with pytest.raises(NotFoundError):
+        read_manifest(out)
+
+
+# --------------------------------------------------------------------------- cache-rewards and config
+
+
+def test_cache_rewards(tmp_path: Path) -> None:
+    dest = (tmp_path / "rewards").as_uri()
+    assert steps.cache_rewards_step("toy_object_color,toy_shape", "toy_heldout_realism", "", dest) == {}
+    with pytest.raises(steps.StepError, match="'no_such_reward'.*known rewards"):
+        steps.cache_rewards_step("toy_shape,no_such_reward", "", "", dest)
+    with pytest.raises(steps.StepError, match="clip needs weights"):
+        steps.cache_rewards_step("clip", "", "", dest)
+    src = tmp_path / "clip-src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "tokenizer.json").write_text("{}")
+    options = steps.cache_rewards_step("clip", "", f"clip={src}", dest, "v0")
+    assert options == {"clip": {"weights_dir": f"{dest}/clip/v0"}}
+    assert {f.path for f in read_manifest(options["clip"]["weights_dir"]).files} == {"config.json", "tokenizer.json"}
+
+
+def test_train_overrides_follow_the_mode_and_extra_wins() -> None:
+    cfg = steps.build_config(steps.train_overrides(
+        mode="dancegrpo", rewards="toy_shape", held_out="", reward_weights="toy_shape=2", iterations=3,
+        extra="optim.lr=2e-5\nsampling.num_steps=10"))
+    assert cfg.window.strategy == "all" and cfg.sampling.sde_type == "dance"  # the preset is kept
+    assert cfg.optim.lr == 2e-5 and cfg.sampling.num_steps == 10 and cfg.max_iterations == 3
+    assert cfg.rewards.weights == {"toy_shape": 2.0}
+    with pytest.raises(steps.StepError, match="unknown reward 'hpsv9'"):
+        steps.build_config(steps.train_overrides(rewards="hpsv9"))
+    with pytest.raises(steps.StepError, match="reward_weights"):
+        steps.train_overrides(rewards="toy_shape", reward_weights="toy_shape")
+
+
+# --------------------------------------------------------------------------- train, evaluate, register, gate, promote
+
+
+@pytest.fixture(scope="module")
+def tiny_model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random toy model, published like a base model in the object store."""
+    import torch
+
+    from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny")
+    local = save_toy_model(ToyFlowModel(ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1,
+                                                       attention_head_dim=32)), root / "model")
+    uri = (root / "published").as_uri()
+    publish_dir(local, uri)
+    return uri
+
+
+def tiny_overrides(model_uri: str, **extra: object) -> dict:
+    values = steps.train_overrides(
+        model_uri=model_uri, rewards="toy_object_color,toy_background", held_out="toy_heldout_realism",
+        iterations=1, group_size=2, prompts_per_iteration=1, train_batch_size=2,
+        extra="sampling.num_steps=6\nwindow.size=2\neval_images_per_prompt=1")
+    values.update(extra)
+    return values
+
+
+def test_train_and_evaluate_steps_publish_weights_and_report(tmp_path: Path, tiny_model_uri: str) -> None:
+    layout = steps.RunLayout((tmp_path / "store").as_uri(), "run-7")
+    prepared = steps.prepare_step("", layout.prompts, tmp_path / "report")
+    overrides = tiny_overrides(tiny_model_uri)
+    trained = steps.train_step(overrides, prepared.uri, layout, tmp_path / "work")
+    assert trained.weights_uri == layout.weights
+    files = {f.path for f in read_manifest(trained.weights_uri).files}
+    assert "transformer/diffusion_pytorch_model.safetensors" in files
+    assert {f.path for f in read_manifest(trained.metrics_uri).files} == {"metrics.jsonl", "config.yaml"}
+    assert len(trained.config_hash) == 12 and trained.iterations == 1
+
+    result = steps.evaluate_step(overrides, trained.weights_uri, prepared.uri, trained.metrics_uri, layout.eval,
+                                 tmp_path / "eval", images_per_prompt=1, max_prompts=2)
+    metrics = steps.eval_metrics(result)
+    assert metrics[steps.GATE_METRIC] == pytest.approx(result.combined["tuned"])
+    assert {"toy_object_color", "toy_object_color.base", "toy_object_color.delta", "toy_heldout_realism"} <= set(metrics)
+    published = {f.path for f in read_manifest(layout.eval).files}
+    assert {"metrics.json", "grid.png", "report.md", "report.html", "rewards.png"} <= published
+    md = steps.markdown_report(tmp_path / "eval", layout.eval)
+    assert "data:image/png;base64," in md and "| toy_object_color" in md
+
+    with pytest.raises(steps.StepError, match="num_nodes=2 needs executor=kubernetes"):
+        steps.train_step(overrides, prepared.uri, layout, tmp_path / "w2", num_nodes=2)
+    with pytest.raises(steps.StepError, match="executor='slurm'"):
+        steps.train_step(overrides, prepared.uri, layout, tmp_path / "w3", executor="slurm")
+
+
+def _fake_run(tmp_path: Path, run: str, value: float) -> dict:
+    """Published weights + eval report of a pipeline run (what train / evaluate leave behind)."""
+    store = (tmp_path / "store").as_uri()
+    layout = steps.RunLayout(store, run)
+    for sub, names in (("weights", ("transformer/config.json",)), ("eval", ("metrics.json", "grid.png", "report.html"))):
+        local = tmp_path / run / sub
+        for name in names:
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            (local / name).write_text("{}")
+    publish_dir(tmp_path / run / "weights", layout.weights)
+    publish_dir(tmp_path / run / "eval", layout.eval)
+    return dict(weights_uri=layout.weights, pipeline_run_id=run, eval_uri=layout.eval, metrics_uri=layout.train_metrics,
+                metrics={steps.GATE_METRIC: value, "toy_shape": value, "toy_shape.delta": 0.01},
+                config_hash="c0ffee", dataset_hash="d474")
+
+
+def test_register_gate_promote_on_the_embedded_store(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = dict(tracking_uri=uri, model_name="pipeline-test")
+    first = steps.register_step(**common, experiment="e", git_sha="abc", **_fake_run(tmp_path, "run-a", 0.5))
+    assert (first.version, first.aliases) == ("1", (CHALLENGER,))
+    again = steps.register_step(**common, experiment="e", git_sha="abc", **_fake_run(tmp_path, "run-a", 0.5))
+    assert (again.version, again.mlflow_run_id) == ("1", first.mlflow_run_id)  # retry: nothing new
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("pipeline-test", "1")
+    assert version.source.endswith("/runs/run-a/train/final")
+    assert {"git_sha": "abc", "pipeline_run_id": "run-a", "config_hash": "c0ffee", "dataset_manifest_hash": "d474",
+            f"metric.{steps.GATE_METRIC}": "0.5"}.items() <= version.tags.items()
+    run = client.get_run(first.mlflow_run_id)
+    assert run.data.metrics[steps.GATE_METRIC] == 0.5
+    assert {a.path for a in client.list_artifacts(first.mlflow_run_id, "evaluation")} >= {"evaluation/grid.png"}
+
+    gate = lambda v, margin=0.0: steps.gate_step(**common, version=v, gate_margin=margin)  # noqa: E731
+    assert gate("1").promote and "no champion" in gate("1").reason
+    steps.promote_step(**common, version="1")
+    assert steps.model_aliases(uri, "pipeline-test", "1") == [CHAMPION, CHALLENGER] or \
+           set(steps.model_aliases(uri, "pipeline-test", "1")) == {CHAMPION, CHALLENGER}
+
+    better = steps.register_step(**common, experiment="e", **_fake_run(tmp_path, "run-b", 0.7))
+    assert not gate(better.version, margin=0.5).promote  # within the margin: the champion stays
+    assert steps.promote_step(**common, version=better.version, gate_margin=0.5)["promote"] is False
+    assert CHAMPION in steps.model_aliases(uri, "pipeline-test", "1")
+    assert gate(better.version).promote
+    steps.promote_step(**common, version=better.version)
+    assert set(steps.model_aliases(uri, "pipeline-test", "2")) == {CHAMPION, CHALLENGER}
+    assert client.get_model_version("pipeline-test", "1").tags["demoted_by"] == "2"
+
+    worse = steps.register_step(**common, experiment="e", **_fake_run(tmp_path, "run-c", 0.1))
+    assert not gate(worse.version).promote
+    assert steps.model_aliases(uri, "pipeline-test", "2") == sorted([CHAMPION])  # challenger moved to v3
+
+
+def test_register_bad_inputs_leave_nothing_registered(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = dict(tracking_uri=uri, model_name="nothing", experiment="e")
+    good = _fake_run(tmp_path, "run-x", 0.5)
+    with pytest.raises(RegistryError, match="gate_metric 'hps'"):
+        steps.register_step(**common, **good, gate_metric="hps")
+    with pytest.raises(RegistryError, match="weights_uri .*nothing was registered"):
+        steps.register_step(**common, **{**good, "weights_uri": (tmp_path / "missing").as_uri()})
+    with pytest.raises(RegistryError, match="unreachable"):
+        steps.register_step(**{**common, "tracking_uri": "http://127.0.0.1:9"}, **good)
+    if (tmp_path / "mlflow.db").exists():
+        with sqlite3.connect(tmp_path / "mlflow.db") as db:
+            assert db.execute("select count(*) from model_versions").fetchone() == (0,)
+            assert db.execute("select count(*) from runs").fetchone() == (0,)
+
+
+def test_run_local_parameters_are_typed_and_checked() -> None:
+    from pipelines.local import parse_params
+
+    assert parse_params(["iterations=3", "gate_margin=0.5", "mode=dancegrpo"]) == {
+        "iterations": 3, "gate_margin": 0.5, "mode": "dancegrpo"}
+    with pytest.raises(ValueError, match="NAME one of"):
+        parse_params(["iteration=3"])
+    with pytest.raises(ValueError, match="expected Integer"):
+        parse_params(["iterations=many"])
