@@ -621,7 +621,11 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
             save_final_weights(final_dir / "transformer", raw_module, model_state)
         else:
             shutil.rmtree(final_dir, ignore_errors=True)
-            raw_module.save_pretrained(final_dir / "transformer", safe_serialization=True)
+            policy.module = raw_module
+            if hasattr(policy, "save_pretrained"):  # FLUX: transformer/ or, with LoRA, the LoRA weights
+                policy.save_pretrained(final_dir)
+            else:
+                raw_module.save_pretrained(final_dir / "transformer", safe_serialization=True)
         if cfg.checkpoint_uri:
             from mixgrpo.storage import publish_dir
 

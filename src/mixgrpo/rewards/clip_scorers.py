@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from mixgrpo.rewards.base import register_reward
 from mixgrpo.rewards.cache import check_weights_dir, resolve_weights_dir
-from mixgrpo.rewards.preprocess import ImageTransform, check_batch, finite_rows, transform_from_processor_config
+from mixgrpo.rewards.preprocess import ImageTransform, score_in_batches, transform_from_processor_config
 
 HPS_CHECKPOINT = "HPS_v2.1_compressed.pt"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -306,15 +306,8 @@ class ClipScorer:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_batch(images, prompts, self.name)
-        ok = finite_rows(images)
-        safe = torch.where(ok.view(-1, 1, 1, 1), images, torch.zeros((), dtype=images.dtype, device=images.device))
-        chunks = [self._raw(safe[i : i + self.batch_size], prompts[i : i + self.batch_size])
-                  for i in range(0, len(prompts), self.batch_size)]
-        raw = torch.cat(chunks) if chunks else torch.zeros(0)
-        scores = (raw - self.output.shift) / self.output.scale
-        scores = torch.where(ok.cpu(), scores, torch.full_like(scores, float("nan")))
-        return scores.to(images.device)
+        raw = score_in_batches(images, prompts, self.name, self.batch_size, self._raw)
+        return ((raw - self.output.shift) / self.output.scale).to(images.device)
 
     def _raw(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         pixels = self.transform(images.to(self.device)).to(self.dtype)

@@ -39,7 +39,7 @@ from torch import nn
 from mixgrpo.rewards.base import register_reward
 from mixgrpo.rewards.cache import check_weights_dir, resolve_weights_dir
 from mixgrpo.rewards.clip_scorers import resolve_dtype, materialise_position_ids, load_torch_state_dict
-from mixgrpo.rewards.preprocess import ImageTransform, check_batch, finite_rows
+from mixgrpo.rewards.preprocess import ImageTransform, score_in_batches
 
 CHECKPOINT = "ImageReward.pt"
 MED_CONFIG = "med_config.json"
@@ -276,14 +276,9 @@ class ImageRewardScorer:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_batch(images, prompts, self.name)
-        ok = finite_rows(images)
-        safe = torch.where(ok.view(-1, 1, 1, 1), images, torch.zeros((), dtype=images.dtype, device=images.device))
-        chunks = [self._raw(safe[i : i + self.batch_size], prompts[i : i + self.batch_size])
-                  for i in range(0, len(prompts), self.batch_size)]
-        raw = torch.cat(chunks) if chunks else torch.zeros(0)
+        raw = score_in_batches(images, prompts, self.name, self.batch_size, self._raw)
         scores = (raw - REWARD_MEAN) / REWARD_STD if self.normalize == "standard" else raw
-        return torch.where(ok.cpu(), scores, torch.full_like(scores, float("nan"))).to(images.device)
+        return scores.to(images.device)
 
     def _raw(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         pixels = self.transform(images.to(self.device)).to(self.dtype)

@@ -20,6 +20,7 @@ does not.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -155,3 +156,23 @@ def check_batch(images: torch.Tensor, prompts: list[str], reward: str) -> None:
 def finite_rows(images: torch.Tensor) -> torch.Tensor:
     """``[B]`` bool: rows whose pixels are all finite (the others score NaN, a failed sample)."""
     return torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+
+
+def score_in_batches(
+    images: torch.Tensor,
+    prompts: list[str],
+    reward: str,
+    batch_size: int,
+    raw_fn: Callable[[torch.Tensor, list[str]], torch.Tensor],
+) -> torch.Tensor:
+    """``[B]`` raw scores: ``raw_fn`` over chunks of ``batch_size``, NaN on rows with a non-finite pixel.
+
+    Checks the batch, scores bad rows on zeros (so one failed sample cannot poison a chunk) and puts
+    NaN back on them. The result stays on the device ``raw_fn`` returns it on.
+    """
+    check_batch(images, prompts, reward)
+    ok = finite_rows(images)
+    safe = torch.where(ok.view(-1, 1, 1, 1), images, torch.zeros((), dtype=images.dtype, device=images.device))
+    chunks = [raw_fn(safe[i : i + batch_size], prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    raw = torch.cat(chunks) if chunks else torch.zeros(0)
+    return torch.where(ok.to(raw.device), raw, torch.full_like(raw, float("nan")))
