@@ -19,7 +19,7 @@ run: setup
 
 # Every test (CI runs exactly this).
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
 
 # The quick subset while developing.
 test-fast: setup

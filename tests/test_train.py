@@ -32,7 +32,7 @@ def tiny_config(model_dir: Path, output_dir: Path, **overrides):
         "model.path": str(model_dir), "output_dir": str(output_dir), "max_iterations": 3,
         "prompts_per_iteration": 2, "sampling.group_size": 4, "sampling.num_steps": 8,
         "window.size": 2, "window.shift_interval": 1, "optim.train_batch_size": 4,
-        "checkpoint_every": 1, "eval_images_per_prompt": 1, "progress_bar": False,
+        "checkpoint_every": 1, "eval_images_per_prompt": 2, "progress_bar": False,
         "rewards.names": ["toy_object_color", "toy_background"], "rewards.held_out": ["toy_heldout_realism"],
     }
     values.update(overrides)
@@ -67,7 +67,7 @@ def test_iterations_update_every_parameter_and_log_metrics(tiny_model_dir, tmp_p
     # after the first optimiser step of an iteration the policy moved: ratios drift from 1
     assert any(abs(r["ratio_mean"] - 1.0) > 1e-7 for r in records)
     assert (result.final_weights / "transformer" / "config.json").is_file()
-    assert set(result.held_out_after) == {"toy_object_color", "toy_background", "toy_heldout_realism"}
+    assert set(result.held_out_after) == {"toy_object_color", "toy_background", "toy_heldout_realism", "heldout_diversity"}
 
 
 def test_resume_is_bit_for_bit(tiny_model_dir, tmp_path):
@@ -152,12 +152,12 @@ def test_evaluate_writes_metrics_grid_and_report(tiny_model_dir, tmp_path):
     trained = train(cfg)
     result = evaluate(cfg, trained.final_weights, tmp_path / "eval", images_per_prompt=2,
                       training_metrics=tmp_path / "run" / "metrics.jsonl", grid_prompts=3)
-    names = {"toy_object_color", "toy_background", "toy_heldout_realism"}
+    names = {"toy_object_color", "toy_background", "toy_heldout_realism", "heldout_diversity"}
     assert set(result.base) == set(result.tuned) == names
     for name in names:
         assert result.delta[name] == pytest.approx(result.tuned[name] - result.base[name])
     assert result.base != result.tuned                                   # the tuned weights were really loaded
-    same = evaluate(cfg, tiny_model_dir, tmp_path / "eval-same", images_per_prompt=1)
+    same = evaluate(cfg, tiny_model_dir, tmp_path / "eval-same", images_per_prompt=2)
     assert all(abs(v) < 1e-6 for v in same.delta.values())              # same weights + same seeds -> same scores
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["tuned"] == result.tuned

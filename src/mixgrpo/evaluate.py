@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mixgrpo.config import TrainConfig
-from mixgrpo.images import image_grid
+from mixgrpo.images import image_grid, seed_diversity
 from mixgrpo.models.base import FlowModel
 from mixgrpo.sampling import flow_sigmas, mixed_rollout
 from mixgrpo.train import autocast_context, build_policy, build_rewards, derive_seed, load_prompts, score_phase
@@ -108,6 +108,9 @@ def evaluate(cfg: TrainConfig, tuned_dir: str | Path, out_dir: str | Path, *, pr
     tuned_images = generate([tuned, base] if hybrid_steps else [tuned], hybrid_steps, rows, seeds, cfg, dev)
     base_scores = {k: float(torch.nanmean(v)) for k, v in score_phase(rewards, base_images, rows).items()}
     tuned_scores = {k: float(torch.nanmean(v)) for k, v in score_phase(rewards, tuned_images, rows).items()}
+    base_scores["heldout_diversity"] = seed_diversity(base_images, images_per_prompt)
+    tuned_scores["heldout_diversity"] = seed_diversity(tuned_images, images_per_prompt)
+    names = names + ["heldout_diversity"]
 
     def combined(scores: dict[str, float]) -> float:
         return sum(scores[n] for n in cfg.rewards.names) / len(cfg.rewards.names)
@@ -169,7 +172,7 @@ def plot_training_rewards(metrics_path: str | Path, png_path: str | Path) -> Pat
 def metrics_table(result: EvalResult) -> str:
     lines = ["| reward | base | tuned | delta |", "|---|---:|---:|---:|"]
     for name in result.base:
-        tag = " (held-out, not optimised)" if name in result.held_out else ""
+        tag = " (held-out, not optimised)" if name in result.held_out or name == "heldout_diversity" else ""
         lines.append(f"| {name}{tag} | {result.base[name]:.4f} | {result.tuned[name]:.4f} | {result.delta[name]:+.4f} |")
     lines.append(f"| **combined (mean of optimised)** | {result.combined['base']:.4f} | {result.combined['tuned']:.4f} | "
                  f"{result.combined['tuned'] - result.combined['base']:+.4f} |")

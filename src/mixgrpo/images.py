@@ -43,3 +43,15 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int, **kwargs) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, columns, **kwargs).save(path)
     return path
+
+
+def seed_diversity(images: torch.Tensor, per_prompt: int) -> float:
+    """Mean over prompts of the per-pixel std across the ``per_prompt`` seeds of one prompt.
+
+    ``images`` is prompt-major ((P*per_prompt, 3, H, W) in [0, 1]). A policy that collapses to one
+    image per prompt (a common form of reward hacking) drives this towards 0. Never optimised.
+    """
+    if per_prompt < 2:
+        return float("nan")
+    grouped = images.float().reshape(-1, per_prompt, *images.shape[1:])
+    return float(grouped.std(dim=1).mean())

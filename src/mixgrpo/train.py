@@ -31,6 +31,7 @@ from mixgrpo import distributed
 from mixgrpo.config import TrainConfig, config_to_dict, config_to_yaml
 from mixgrpo.distributed import Shard, World
 from mixgrpo.grpo import policy_loss
+from mixgrpo.images import seed_diversity
 from mixgrpo.models.base import Conditioning, FlowModel, index_conditioning, repeat_conditioning
 from mixgrpo.rewards.base import Reward, build_reward
 from mixgrpo.sampling import Rollout, dance_sde_step, flow_sigmas, mixed_rollout, sde_step
@@ -314,13 +315,15 @@ def sample_images(policy: FlowModel, prompts: list[str], seeds: list[int], cfg: 
 
 def held_out_rewards(policy: FlowModel, rewards: dict[str, Reward], prompts: list[str], cfg: TrainConfig,
                      device: torch.device) -> dict[str, float]:
-    """Mean of every reward (optimised and held-out) over held-out prompts x fixed seeds."""
+    """Mean of every reward (optimised and held-out) over held-out prompts x fixed seeds, plus the
+    never-optimised ``heldout_diversity`` (pixel std across the seeds of a prompt; collapse -> 0)."""
     per_prompt = cfg.eval_images_per_prompt
     all_prompts = [p for p in prompts for _ in range(per_prompt)]
-    seeds = [derive_seed("eval", i) for i in range(len(all_prompts))]
+    seeds = [derive_seed("eval", i % per_prompt) for i in range(len(all_prompts))]
     images = sample_images(policy, all_prompts, seeds, cfg, device)
     scores = score_phase(rewards, images, all_prompts)
-    return {name: float(torch.nanmean(value)) for name, value in scores.items()}
+    return {**{name: float(torch.nanmean(value)) for name, value in scores.items()},
+            "heldout_diversity": seed_diversity(images, per_prompt)}
 
 
 # --------------------------------------------------------------------------- checkpoints
