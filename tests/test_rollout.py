@@ -271,3 +271,19 @@ def test_rejects_bad_input(window, eta, kwargs, message):
     latents = kwargs.pop("latents", latents)
     with pytest.raises(ValueError, match=message):
         mixed_rollout(Field(means), latents, flow_sigmas(T, SHIFT), window, eta, **kwargs)
+
+
+def test_one_generator_per_group_matches_separate_group_rollouts():
+    """A batch of G groups with G generators = G one-group rollouts with those generators."""
+    latents, means = grouped_inputs()
+    sigmas, window = flow_sigmas(T, SHIFT), range(3, 7)
+    batched = mixed_rollout(Field(means, GROUP_SIZE), latents, sigmas, window, ETA, group_size=GROUP_SIZE,
+                            generator=[gen(10 + g) for g in range(GROUPS)])
+    for g in range(GROUPS):
+        rows = slice(g * GROUP_SIZE, (g + 1) * GROUP_SIZE)
+        alone = mixed_rollout(Field(means[rows], GROUP_SIZE), latents[rows], sigmas, window, ETA,
+                              group_size=GROUP_SIZE, generator=gen(10 + g))
+        torch.testing.assert_close(batched.sample[rows], alone.sample, atol=1e-6, rtol=0)
+        torch.testing.assert_close(batched.log_probs[rows], alone.log_probs, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="cannot split a batch of 6 rows evenly"):
+        mixed_rollout(Field(means), latents, sigmas, window, ETA, generator=[gen(1), gen(2), gen(3), gen(4)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -116,6 +116,18 @@ def draw_noise(shape: torch.Size, generator: torch.Generator | None, device: tor
     """
     source = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, dtype=torch.float32, device=source).to(device)
+
+
+def _draw_batch_noise(shape: torch.Size, generator: torch.Generator | Sequence[torch.Generator] | None,
+                      device: torch.device) -> Tensor:
+    """``draw_noise`` for the batch; with K generators each draws B/K consecutive rows."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return draw_noise(shape, generator, device)
+    if len(generator) == 0 or shape[0] % len(generator):
+        raise ValueError(f"{len(generator)} generators cannot split a batch of {shape[0]} rows evenly: "
+                         "give one generator per group (or a single generator)")
+    rows = shape[0] // len(generator)
+    return torch.cat([draw_noise((rows, *shape[1:]), g, device) for g in generator])
 
 
 def _step_interval(sigmas: Tensor, i: int) -> tuple[Tensor, Tensor]:
@@ -280,7 +292,7 @@ def mixed_rollout(
     post_ratio: float | None = None,
     shift: float = 3.0,
     group_size: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Rollout:
     """Sample with Euler ODE steps before ``window``, SDE steps inside it, and ``post_solver`` after it.
 
@@ -289,6 +301,8 @@ def mixed_rollout(
       ``flash_sigmas(sigmas, shift, window, post_ratio)``; its x0 history is filled from the first step on.
     - SDE noise: ``draw_noise(latents.shape, generator, ...)`` (float32 ``torch.randn`` on the generator's
       device) once per window step for the full batch, so shared and unshared rollouts draw the same noise.
+      A sequence of K generators draws B/K consecutive rows each (one generator per group: a group's
+      noise then does not depend on which other groups share the batch).
     - ``group_size=N`` (shared prefix): rows are G groups of N identical latents (group-major); the steps
       before the window run once per group as ``velocity_fn(x[G], sigma, rows=arange(0, B, N))`` and the
       trajectories branch at the window start. Same result as without it, G*(l + N*(T - l)) row
@@ -331,7 +345,7 @@ def mixed_rollout(
         if post_solver == "dpmsolver++":
             history = (history + [pred_x0])[-solver_order:]
         if i in window:
-            noise = draw_noise(latents.shape, generator, latents.device)
+            noise = _draw_batch_noise(latents.shape, generator, latents.device)
             step = sde(x, v, schedule, i, eta, noise=noise)
             x = step.sample
             window_latents.append(x)

@@ -147,45 +147,34 @@ def initial_noise(policy: FlowModel, group: int, members: range, cfg: TrainConfi
     return torch.randn((cfg.sampling.group_size, *shape), generator=generator)[members.start:members.stop]
 
 
-def concat_rollouts(parts: list[Rollout]) -> Rollout:
-    """One Rollout of the rows of several (same window and schedule)."""
-    first = parts[0]
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return Rollout(sample=cat("sample"), latents=cat("latents"), log_probs=cat("log_probs"), window=first.window,
-                   sigmas=first.sigmas, nfe=first.nfe, row_evals=sum(p.row_evals for p in parts), pred_x0=cat("pred_x0"))
-
-
 @torch.no_grad()
 def rollout_phase(policy: FlowModel, prompts: list[str], cfg: TrainConfig, window: range, iteration: int,
                   rank: int, device: torch.device, sigmas: torch.Tensor, timer: SectionTimer | None = None,
                   shard: Shard | None = None) -> RolloutBatch:
     """Sample the shard's images (N per prompt by default) with the mixed ODE/SDE sampler of the old policy.
 
-    One ``mixed_rollout`` per group, its noise drawn from the group's own generator: a sample does
-    not depend on which other groups share the process. ``shard`` defaults to global groups
-    ``rank*len(prompts) ...`` with all N samples each.
+    All groups of the process in one batched ``mixed_rollout``; each group's initial and SDE noise comes
+    from its own generator, so a sample does not depend on which other groups share the process.
+    ``shard`` defaults to global groups ``rank*len(prompts) ...`` with all N samples each.
     """
     s = cfg.sampling
     timer = timer or SectionTimer()
     shard = shard or Shard(tuple(range(rank * len(prompts), (rank + 1) * len(prompts))), range(s.group_size))
     n = len(shard.members)
     cond = repeat_conditioning(policy.encode_prompts(prompts), n)
-    parts = []
-    for k, group in enumerate(shard.groups):
-        group_cond = index_conditioning(cond, slice(k * n, (k + 1) * n))
 
-        def velocity_fn(x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-            rows_cond = group_cond if rows is None else index_conditioning(group_cond, rows.to(device))
-            with timer.section("forward"), autocast_context(cfg, device):
-                return policy.velocity(x, sigma, rows_cond).float()
+    def velocity_fn(x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        rows_cond = cond if rows is None else index_conditioning(cond, rows.to(device))
+        with timer.section("forward"), autocast_context(cfg, device):
+            return policy.velocity(x, sigma, rows_cond).float()
 
-        parts.append(mixed_rollout(
-            velocity_fn, initial_noise(policy, group, shard.members, cfg, iteration).to(device), sigmas, window, s.eta,
-            sde_type=s.sde_type, post_solver=s.post_solver, solver_order=s.solver_order, solver_type=s.solver_type,
-            post_ratio=s.post_ratio, shift=s.shift, group_size=n if s.shared_prefix else None,
-            generator=generator_for(cfg.seed, iteration, group, shard.members.start, "sde"),
-        ))
-    rollout = concat_rollouts(parts)
+    latents = torch.cat([initial_noise(policy, group, shard.members, cfg, iteration) for group in shard.groups])
+    rollout = mixed_rollout(
+        velocity_fn, latents.to(device), sigmas, window, s.eta,
+        sde_type=s.sde_type, post_solver=s.post_solver, solver_order=s.solver_order, solver_type=s.solver_type,
+        post_ratio=s.post_ratio, shift=s.shift, group_size=n if s.shared_prefix else None,
+        generator=[generator_for(cfg.seed, iteration, group, shard.members.start, "sde") for group in shard.groups],
+    )
     images = policy.decode(rollout.sample)
     group_ids = torch.tensor(shard.groups).repeat_interleave(n)
     return RolloutBatch([p for p in prompts for _ in range(n)], group_ids, cond, rollout, images)
