@@ -24,11 +24,6 @@ def default_store() -> str:
     return (LOCAL_DIR / "store").as_uri()
 
 
-# The pipeline's defaults are the paper's FLUX numbers; the 0.6M-parameter toy learns too slowly at
-# lr 1e-5 (configs/toy.yaml uses 5e-5), so the local run on the toy model starts from these.
-TOY_DEFAULTS = {"learning_rate": 5e-5}
-
-
 def default_mlflow() -> str:
     return f"sqlite:///{LOCAL_DIR / 'mlflow.db'}"
 
@@ -62,9 +57,8 @@ def run_local(store: str | None = None, mlflow: str | None = None, *, local_dir:
     started = time.perf_counter()
     local = Path(local_dir) if local_dir else LOCAL_DIR
     local.mkdir(parents=True, exist_ok=True)
-    toy = params.get("model_kind", "toy") == "toy"
     arguments = {"object_store_uri": store or default_store(), "mlflow_tracking_uri": mlflow or default_mlflow(),
-                 "executor": "local", **(TOY_DEFAULTS if toy else {}), **params}
+                 "executor": "local", **params}
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(local / "kfp"),
                    raise_on_error=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -78,7 +78,9 @@ def setup(cfg: TrainConfig, device: str | None = None) -> World:
 
 
 def teardown(world: World) -> None:
+    """Leave together: a barrier first, so no rank destroys the group while another is still in a collective."""
     if world.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
