@@ -66,7 +66,7 @@ def run_learning_bench(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    iterations = 24 if args.quick else getattr(args, "iterations", 160)
+    iterations = 24 if args.quick else args.iterations
     curves: dict[str, list[tuple[float, float]]] = {}
     names: list[str] = []
     for mode in LEARNING_MODES:

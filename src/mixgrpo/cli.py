@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.add_argument("--learning", action="store_true", help="learning-efficiency run: reward vs seconds for every mode")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
+    p.add_argument("--iterations", type=int, default=80, help="--learning: iterations per mode")
     p.add_argument("--out", default="runs/bench", help="where plots and raw results go")
     p.set_defaults(func=_cmd_bench)
 

@@ -24,7 +24,12 @@ from mixgrpo.config import TrainConfig
 from mixgrpo.images import image_grid, seed_diversity
 from mixgrpo.models.base import FlowModel
 from mixgrpo.sampling import flow_sigmas, mixed_rollout
-from mixgrpo.train import autocast_context, build_policy, build_rewards, derive_seed, load_prompts, score_phase
+from mixgrpo.rewards.base import build_reward
+from mixgrpo.train import autocast_context, build_policy, derive_seed, load_prompts, score_phase
+
+# The published reporting scales (spec section 7/9): HPS raw cosine, PickScore /100, ImageReward as its
+# library reports it ((r - 0.16717)/1.03334), UnifiedReward's 1-5 alignment score. Training may use others.
+REPORTING_OPTIONS: dict[str, dict[str, str]] = {"pickscore": {"normalize": "report"}, "imagereward": {"normalize": "standard"}}
 
 
 @dataclass
@@ -100,7 +105,8 @@ def evaluate(cfg: TrainConfig, tuned_dir: str | Path, out_dir: str | Path, *, pr
     base.module.eval()
     tuned = load_tuned_policy(cfg, tuned_dir, dev)
     names = list(dict.fromkeys(cfg.rewards.names + cfg.rewards.held_out))
-    rewards = build_rewards(cfg, names, dev)
+    rewards = {name: build_reward(name, **{**cfg.rewards.options.get(name, {}), **REPORTING_OPTIONS.get(name, {})})
+               for name in names}
 
     rows = [p for p in prompts for _ in range(images_per_prompt)]
     seeds = [derive_seed("eval", i % images_per_prompt) for i in range(len(rows))]
