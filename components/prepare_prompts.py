@@ -18,6 +18,8 @@ def prepare_prompts(
     test_fraction: float = 0.2,
     min_prompts: int = 16,
     seed: int = 0,
+    model_uri: str = "",
+    model_kind: str = "toy",
 ) -> NamedTuple("PreparedPrompts", prompts_uri=str, dataset_hash=str, n_train=int, n_test=int):
     """Prepare the prompt data set: clean, validate with great-expectations, split train / test, publish.
 
@@ -30,6 +32,8 @@ def prepare_prompts(
         test_fraction: Share of prompts held out for evaluation.
         min_prompts: Fewer prompts after cleaning fail the validation suite.
         seed: Seed of the train / test split.
+        model_uri: The base model; for model_kind=flux its text encoders precompute every prompt's embeddings once.
+        model_kind: toy or flux.
 
     Returns:
         prompts_uri: The published data set (MANIFEST.json last); dataset_hash: its content hash; n_train / n_test: split sizes.
@@ -45,7 +49,7 @@ def prepare_prompts(
     report_dir = Path(tempfile.mkdtemp(prefix="prepare-report-"))
     try:
         out = prepare_step(prompt_uri, layout.prompts, report_dir, column=column, test_fraction=test_fraction,
-                           min_prompts=min_prompts, seed=seed)
+                           min_prompts=min_prompts, seed=seed, model_uri=model_uri, model_kind=model_kind)
     finally:  # the report is an artifact pass or fail
         if (report_dir / "report.md").is_file():
             Path(validation_report.path).parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ def mixgrpo_pipeline(
 
     prepared = prepare_prompts(
         prompt_uri=prompt_uri, object_store_uri=object_store_uri, pipeline_run_id=run_id, column=prompt_column,
-        test_fraction=test_fraction, min_prompts=min_prompts, seed=seed)
+        test_fraction=test_fraction, min_prompts=min_prompts, seed=seed, model_uri=model_uri, model_kind=model_kind)
     prepared.set_display_name("Prepare prompts").set_retry(**S3_RETRY)
     _secret_env(prepared)
 

@@ -355,3 +355,28 @@ def test_run_local_parameters_are_typed_and_checked() -> None:
         parse_params(["iteration=3"])
     with pytest.raises(ValueError, match="expected Integer"):
         parse_params(["iterations=many"])
+
+
+def test_prepare_precomputes_flux_prompt_embeddings_for_training(tmp_path: Path) -> None:
+    """model_kind=flux: prepare-prompts encodes every prompt once; the train step stages that cache."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_flux import save_tiny_flux
+
+    from mixgrpo.models.flux import FluxFlowModel, FluxSettings
+
+    model_dir = save_tiny_flux(tmp_path / "flux")
+    source = tmp_path / "prompts.txt"
+    prompts = [f"a photo of object number {i}" for i in range(20)]
+    source.write_text("\n".join(prompts) + "\n")
+    out = steps.prepare_step(str(source), f"file://{tmp_path}/store/prompts", tmp_path / "report", min_prompts=4,
+                             test_fraction=0.25, model_uri=str(model_dir), model_kind="flux")
+    assert read_manifest(steps.embeddings_uri(out.uri)).files          # published beside the data set
+    job = tmp_path / "job"
+    assert steps._stage_embeddings(out.uri, job)
+    model = FluxFlowModel.from_pretrained(str(model_dir), FluxSettings(height=64, width=64,
+                                                                     embedding_cache_dir=str(job / "embeddings")), "cpu")
+    model.encode_prompts(prompts[:5])
+    assert model.encoder_calls == 0                                     # every prompt came from the cache
+    assert not steps._stage_embeddings(f"file://{tmp_path}/store/other", tmp_path / "job2")
+    with pytest.raises(steps.StepError, match="needs model_uri"):
+        steps.precompute_embeddings_step(out.uri, "")

@@ -153,14 +153,54 @@ def toy_prompt_file() -> Path:
 
 
 def prepare_step(prompt_uri: str, output_uri: str, report_dir: str | Path, *, column: str = "",
-                 test_fraction: float = 0.2, min_prompts: int = 16, seed: int = 0) -> PrepareOutput:
-    """prepare-prompts: ``prompt_uri`` ("" = the toy world's prompts) -> a published data set at ``output_uri``."""
+                 test_fraction: float = 0.2, min_prompts: int = 16, seed: int = 0,
+                 model_uri: str = "", model_kind: str = "toy") -> PrepareOutput:
+    """prepare-prompts: ``prompt_uri`` ("" = the toy world's prompts) -> a published data set at ``output_uri``.
+
+    For FLUX the text embeddings (T5 + pooled CLIP) of every prompt are computed once here and
+    published beside the data set (``embeddings_uri``), so training never loads the text encoders.
+    """
     from mixgrpo.data import prepare_prompts
 
     source = prompt_uri.strip() or str(toy_prompt_file())
     prepared = prepare_prompts(source, output_uri, report_dir=report_dir, column=column or None,
                                test_fraction=test_fraction, min_rows=min_prompts, seed=seed)
+    if model_kind == "flux":
+        precompute_embeddings_step(prepared.uri, model_uri)
     return PrepareOutput(prepared.uri, prepared.dataset_hash, prepared.n_train, prepared.n_test)
+
+
+def embeddings_uri(prompts_uri: str) -> str:
+    """The FLUX prompt-embedding cache of a prepared data set: a sibling prefix ``<prompts>-embeddings``."""
+    return prompts_uri.rstrip("/") + "-embeddings"
+
+
+def precompute_embeddings_step(prompts_uri: str, model_uri: str) -> str:
+    """Encode the train and test prompts with the model's text encoders; publish the cache; return its URI."""
+    import tempfile
+
+    from mixgrpo.data import load_prepared_prompts
+    from mixgrpo.models.flux import precompute_prompt_embeddings
+    from mixgrpo.storage import publish_dir
+
+    if not model_uri:
+        raise StepError("model_kind=flux needs model_uri (the FLUX directory or its s3:// prefix) to encode the prompts")
+    prompts = load_prepared_prompts(prompts_uri, "train") + load_prepared_prompts(prompts_uri, "test")
+    with tempfile.TemporaryDirectory(prefix="prompt-embeddings-") as tmp:
+        result = precompute_prompt_embeddings(model_uri, prompts, tmp)
+        publish_dir(tmp, embeddings_uri(prompts_uri), metadata={"prompts": result.encoded + result.cached})
+    return embeddings_uri(prompts_uri)
+
+
+def _stage_embeddings(prompts_uri: str, job: Path) -> bool:
+    """Fetch the data set's prompt-embedding cache into ``job/embeddings`` when prepare-prompts made one."""
+    from mixgrpo.storage import NotFoundError, fetch_dir
+
+    try:
+        fetch_dir(embeddings_uri(prompts_uri), job / "embeddings")
+    except NotFoundError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- cache-rewards
@@ -305,6 +345,8 @@ def train_step(overrides: Mapping[str, Any], prompts_uri: str, layout: RunLayout
     digest = config_hash(cfg)  # before local paths are filled in: the same parameters give the same hash
     job = workdir / "train-job"
     _stage_prompts(prompts_uri, job)
+    if cfg.model.kind == "flux" and _stage_embeddings(prompts_uri, job):
+        cfg.model.embedding_cache_dir = "embeddings"  # relative to the job directory, like the prompts
     if executor == "local":
         _local_model(cfg, workdir)
     cfg.prompts, cfg.eval_prompts = "train.txt", "test.txt"  # relative to the job directory on every node
