@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -29,7 +28,6 @@ from mixgrpo.storage import (
     S3Settings,
     S3Store,
     StorageError,
-    TransferSettings,
     fetch_dir,
     latest_complete,
     open_store,
