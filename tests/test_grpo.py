@@ -256,3 +256,19 @@ def test_gradient_reaches_new_log_probs_only():
 def test_bad_policy_loss_inputs(new_shape, old_shape, adv_shape, kwargs, message):
     with pytest.raises(ValueError, match=message):
         policy_loss(torch.zeros(new_shape), torch.zeros(old_shape), torch.zeros(adv_shape), **kwargs)
+
+
+def test_reference_kl_value_and_gradient_on_hand_made_numbers():
+    from mixgrpo.grpo import reference_kl
+
+    mean = torch.tensor([[1.0, 3.0], [0.0, 0.0]], requires_grad=True)
+    mean_ref = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+    std = torch.tensor(2.0)
+    kl = reference_kl(mean, mean_ref, std)
+    # (mu - mu_ref)^2 / (2 s^2), averaged over the elements: row 0 (1 + 4)/8/2, row 1 (0 + 4)/8/2
+    assert kl.tolist() == pytest.approx([5 / 16, 4 / 16])
+    kl.sum().backward()
+    # d/dmu = (mu - mu_ref) / s^2 / elements
+    assert mean.grad.flatten().tolist() == pytest.approx([1 / 8, 2 / 8, 0.0, -2 / 8])
+    with pytest.raises(ValueError, match="same shape"):
+        reference_kl(mean, mean_ref[:1], std)

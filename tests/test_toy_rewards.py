@@ -113,3 +113,28 @@ def test_rewards_name_the_fix_for_bad_inputs():
         reward(torch.rand(3, 32, 32), ["a red circle on a blue background"])
     with pytest.raises(ValueError, match="not a toy-world prompt"):
         reward(torch.rand(1, 3, 32, 32), ["a cat"])
+
+
+@pytest.mark.parametrize("arm", [3, 4, 5, 6])
+def test_one_compromise_drawing_scores_for_at_most_one_shape_word(arm):
+    """A plus-shaped cross (what the tuned model drew for every shape word before): the lead term of the
+    shape reward lets it score for at most one word, so one drawing cannot serve every prompt."""
+    from mixgrpo.toy.world import SHAPES, ToyPrompt
+
+    image = torch.zeros(1, 3, 32, 32)
+    image[0, 0, 16 - arm:16 + arm, 8:24] = 1.0
+    image[0, 0, 8:24, 16 - arm:16 + arm] = 1.0  # red cross on black
+    scores = [float(shape(image, [ToyPrompt("red", asked, "black").text])) for asked in SHAPES]
+    assert sum(score > 0.05 for score in scores) <= 1, scores
+
+
+def test_validation_split_is_disjoint_from_training_and_test_and_keeps_every_word():
+    from mixgrpo.toy.world import COLORS, SHAPES, parse_prompt, train_test_split, train_validation_test_split
+
+    train, validation, test = train_validation_test_split()
+    assert test == train_test_split()[1]
+    assert not set(train) & set(validation) and not set(validation) & set(test)
+    assert sorted(train + validation) == sorted(train_test_split()[0])
+    parsed = [parse_prompt(p) for p in train]
+    assert {p.shape for p in parsed} == set(SHAPES) and {p.object_color for p in parsed} == set(COLORS)
+    assert train_validation_test_split() == (train, validation, test)

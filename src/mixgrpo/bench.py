@@ -28,7 +28,7 @@ from mixgrpo.sampling import flow_sigmas
 from mixgrpo.train import (SectionTimer, build_rewards, build_window, choose_prompts, load_prompts,
                            rollout_phase, score_phase, update_phase)
 
-BENCH_MODES = ("dancegrpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star", "flow-grpo")
+BENCH_MODES = ("dancegrpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star", "all-sde")
 COMMON = {"prompts_per_iteration": 4, "sampling.group_size": 8, "optim.train_batch_size": 8,
           "progress_bar": False, "rewards.held_out": []}
 

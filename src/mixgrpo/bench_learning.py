@@ -1,39 +1,87 @@
-"""``mixgrpo bench --learning``: held-out reward vs training wall time for every mode.
+"""``mixgrpo bench --learning``: held-out reward vs training time for every mode, over several seeds.
 
-Every mode trains the same toy base model with the same prompts, seeds, group size and steps
-for the same number of iterations; the held-out combined reward (mean of the optimised
-rewards on the held-out prompts, fixed seeds) is measured every ``eval_every`` iterations.
-Time on the x axis is training time only (rollout + reward + update), not evaluation time.
+Every mode trains the same toy base model (``configs/toy.yaml``) with its own tuned learning rate
+(``TUNED_LR``, chosen by ``--sweep`` on the *validation* prompts, never on the reported held-out ones)
+for the same number of iterations; seed k (``714 + k``) draws the prompts, the initial and the SDE
+noise. The held-out combined reward (mean of the optimised rewards over the held-out prompts x 4
+fixed seeds) is measured every ``iterations / 8`` iterations.
 
-The headline number is ``time_to_dancegrpo_final / dancegrpo_total``: how long MixGRPO needs to
-reach the held-out reward DanceGRPO ends with, as a fraction of DanceGRPO's wall time.
+Time is the trainer's **CPU time** (``time.process_time`` of rollout + reward + update; evaluation
+excluded): the runs are single-threaded (``OMP_NUM_THREADS=1``), so CPU time equals the wall time on a
+dedicated core and does not depend on what else the shared machine runs. Wall seconds are recorded too.
+
+Reported: per mode the final reward's mean and 95% CI over seeds (Student t), the gain over the base
+with its CI, the time to a fixed target (the base plus half of MixGRPO's mean gain; "never" where the
+mean curve does not reach it) and the time to DanceGRPO's final mean reward as a fraction of
+DanceGRPO's total time. ``learning.png`` draws the mean curves with their CI bands.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from mixgrpo.config import load_config
 
-LEARNING_MODES = ("dancegrpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star", "flow-grpo")
+LEARNING_MODES = ("dancegrpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star")
+SEED_BASE = 714
+TOY_CONFIG = Path(__file__).resolve().parent / "presets" / "toy.yaml"
+
+# The learning rate of each mode on the toy world, chosen by
+#   OMP_NUM_THREADS=1 mixgrpo bench --learning --sweep 2e-5,5e-5,1e-4,2e-4
+# (one seed, the best final combined reward on the validation prompts).
+TUNED_LR: dict[str, float] = {
+    "dancegrpo": 1e-4,
+    "mixgrpo": 1e-4,
+    "mixgrpo-flash": 1e-4,
+    "mixgrpo-flash-star": 1e-4,
+    "all-sde": 1e-4,
+}
+
+# Two-sided 95% Student t quantiles t_{0.975, df}; beyond the table the normal 1.96.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         15: 2.131, 20: 2.086, 30: 2.042}
 
 
-def learning_curve(metrics_path: Path, reward_names: list[str]) -> list[tuple[float, float]]:
-    """(cumulative training seconds, held-out combined reward) at each evaluation."""
-    elapsed, curve = 0.0, []
+def t_quantile_975(df: int) -> float:
+    """t_{0.975, df} from the table (the nearest smaller tabulated df, conservative), 1.96 beyond 30."""
+    if df < 1:
+        return float("nan")
+    if df > 30:
+        return 1.96
+    return _T975[max(k for k in _T975 if k <= df)]
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): ``mean -+ t_{0.975, n-1} * s / sqrt(n)`` (s the unbiased std); n = 1 gives (x, nan, nan)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def learning_curve(metrics_path: Path, reward_names: list[str]) -> list[dict]:
+    """Per evaluation: iteration, cumulative training CPU and wall seconds, held-out combined reward."""
+    cpu = wall = 0.0
+    curve = []
     for line in metrics_path.read_text().splitlines():
         record = json.loads(line)
         if "seconds" in record:
-            elapsed += record["seconds"]["total"]
+            wall += record["seconds"]["total"]
+            cpu += record["seconds"].get("cpu_total", record["seconds"]["total"])
         if "held_out" in record:
-            curve.append((elapsed, sum(record["held_out"][n] for n in reward_names) / len(reward_names)))
+            combined = sum(record["held_out"][n] for n in reward_names) / len(reward_names)
+            curve.append({"iteration": record["iteration"], "cpu_s": cpu, "wall_s": wall, "combined": combined})
     return curve
 
 
 def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
-    """First time the curve reaches ``target`` (linear interpolation between evaluations)."""
+    """First time the curve (time, reward) reaches ``target`` (linear interpolation between evaluations)."""
     if curve and curve[0][1] >= target:
         return curve[0][0]
     for (t0, r0), (t1, r1) in zip(curve, curve[1:]):
@@ -42,23 +90,45 @@ def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | No
     return None
 
 
-def plot_curves(curves: dict[str, list[tuple[float, float]]], png: Path) -> Path:
+def mean_curve(runs: list[list[dict]]) -> list[dict]:
+    """Seed-mean curve: at each evaluation index, the mean time and the reward's mean and 95% CI."""
+    length = min(len(run) for run in runs)
+    out = []
+    for k in range(length):
+        mean, low, high = mean_ci95([run[k]["combined"] for run in runs])
+        out.append({"iteration": runs[0][k]["iteration"], "cpu_s": sum(run[k]["cpu_s"] for run in runs) / len(runs),
+                    "wall_s": sum(run[k]["wall_s"] for run in runs) / len(runs), "mean": mean, "low": low, "high": high})
+    return out
+
+
+def plot_curves(curves: dict[str, list[dict]], png: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     for mode, curve in curves.items():
-        ax.plot([t for t, _ in curve], [r for _, r in curve], "o-", ms=3, label=mode)
-    ax.set_xlabel("training wall time (s)")
-    ax.set_ylabel("held-out combined reward")
+        t = [p["cpu_s"] for p in curve]
+        line, = ax.plot(t, [p["mean"] for p in curve], "o-", ms=3, label=mode)
+        if all(math.isfinite(p["low"]) for p in curve):
+            ax.fill_between(t, [p["low"] for p in curve], [p["high"] for p in curve], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("training CPU seconds (one thread)")
+    ax.set_ylabel("held-out combined reward (mean, 95% CI)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def _config(mode: str, seed: int, lr: float, iterations: int, output_dir: Path, eval_prompts: str = ""):
+    return load_config(TOY_CONFIG, {
+        "mode": mode, "seed": seed, "optim.lr": lr, "max_iterations": iterations,
+        "eval_every": max(iterations // 8, 1), "eval_images_per_prompt": 4, "eval_prompts": eval_prompts,
+        "select_best": False, "early_stop_patience": 0,
+        "checkpoint_every": 0, "output_dir": str(output_dir), "progress_bar": False})
 
 
 def run_learning_bench(args: argparse.Namespace) -> int:
@@ -67,41 +137,86 @@ def run_learning_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     iterations = 24 if args.quick else args.iterations
-    names: list[str] = []
-    for mode in LEARNING_MODES:
-        cfg = load_config("configs/toy.yaml" if Path("configs/toy.yaml").is_file() else None, {
-            "mode": mode, "max_iterations": iterations, "eval_every": max(iterations // 8, 1),
-            "eval_images_per_prompt": 4, "checkpoint_every": 0, "output_dir": str(out / mode), "progress_bar": False})
-        names = cfg.rewards.names
-        print(f"[bench --learning] {mode}: {iterations} iterations", flush=True)
-        train(cfg)
-    return summarize(out, names, args.json)
+    modes = args.modes.split(",") if args.modes else list(LEARNING_MODES)
+    if args.sweep:
+        return run_sweep(out, modes, [float(v) for v in args.sweep.split(",")], iterations, args.json)
+    for mode in modes:
+        for k in range(args.seeds):
+            run_dir = out / mode / f"seed{k}"
+            if (run_dir / "metrics.jsonl").is_file() and _finished(run_dir / "metrics.jsonl") and not args.rerun:
+                print(f"[bench --learning] {mode} seed {k}: done before, reusing {run_dir}", flush=True)
+                continue
+            print(f"[bench --learning] {mode} seed {k}: {iterations} iterations, lr {TUNED_LR[mode]:g}", flush=True)
+            train(_config(mode, SEED_BASE + k, TUNED_LR[mode], iterations, run_dir))
+    return summarize(out, modes, args.seeds, args.json)
 
 
-def summarize(out: Path, names: list[str], as_json: bool = False) -> int:
-    """Curves, ratios, table and plot from the metrics of a finished ``bench --learning`` run in ``out``."""
-    curves = {mode: learning_curve(out / mode / "metrics.jsonl", names) for mode in LEARNING_MODES
-              if (out / mode / "metrics.jsonl").is_file()}
-    dance_total, dance_final = curves["dancegrpo"][-1]
-    summary: dict = {"dancegrpo_final_reward": dance_final, "dancegrpo_seconds": dance_total, "modes": {}}
-    dance_best = max(r for _, r in curves["dancegrpo"][1:]) if len(curves["dancegrpo"]) > 1 else dance_final
-    summary["dancegrpo_best_reward"] = dance_best
+def _finished(metrics: Path) -> bool:
+    return any(json.loads(line).get("final") for line in metrics.read_text().splitlines())
+
+
+def run_sweep(out: Path, modes: list[str], lrs: list[float], iterations: int, as_json: bool) -> int:
+    """One seed per (mode, lr), evaluated on the validation prompts; the best final reward picks the lr."""
+    from mixgrpo.train import load_prompts, train
+
+    validation = out / "validation_prompts.txt"
+    validation.write_text("\n".join(load_prompts("", "validation")) + "\n")
+    names = load_config(TOY_CONFIG).rewards.names
+    results: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        results[mode] = {}
+        for lr in lrs:
+            run_dir = out / "sweep" / mode / f"lr{lr:g}"
+            if not ((run_dir / "metrics.jsonl").is_file() and _finished(run_dir / "metrics.jsonl")):
+                print(f"[bench --learning --sweep] {mode} lr {lr:g}: {iterations} iterations", flush=True)
+                train(_config(mode, SEED_BASE, lr, iterations, run_dir, eval_prompts=str(validation)))
+            results[mode][f"{lr:g}"] = learning_curve(run_dir / "metrics.jsonl", names)[-1]["combined"]
+    best = {mode: max(scores, key=scores.get) for mode, scores in results.items()}
+    (out / "sweep.json").write_text(json.dumps({"validation_final_combined": results, "best_lr": best}, indent=1))
+    print(f"\n{'mode':<20}" + "".join(f"{'lr ' + k:>11}" for k in results[modes[0]]) + f"{'best':>9}")
+    for mode, scores in results.items():
+        print(f"{mode:<20}" + "".join(f"{v:>11.4f}" for v in scores.values()) + f"{best[mode]:>9}")
+    if as_json:
+        print(json.dumps({"best_lr": best, "validation_final_combined": results}))
+    return 0
+
+
+def summarize(out: Path, modes: list[str], seeds: int, as_json: bool = False) -> int:
+    """Seed means, CIs, times to target, table and plot from a finished ``bench --learning`` run in ``out``."""
+    names = load_config(TOY_CONFIG).rewards.names
+    runs = {mode: [learning_curve(out / mode / f"seed{k}" / "metrics.jsonl", names) for k in range(seeds)] for mode in modes}
+    curves = {mode: mean_curve(r) for mode, r in runs.items()}
+    base = curves[modes[0]][0]["mean"]
+    mix_gain = curves["mixgrpo"][-1]["mean"] - base if "mixgrpo" in curves else float("nan")
+    target = base + 0.5 * mix_gain
+    dance = curves.get("dancegrpo")
+    dance_final, dance_total = (dance[-1]["mean"], dance[-1]["cpu_s"]) if dance else (float("nan"), float("nan"))
+    summary: dict = {"base": base, "target": target, "target_rule": "base + 0.5 x MixGRPO's mean gain", "seeds": seeds,
+                     "dancegrpo_final_mean": dance_final, "dancegrpo_cpu_s": dance_total, "modes": {}}
     for mode, curve in curves.items():
-        reach, reach_best = time_to_reach(curve, dance_final), time_to_reach(curve[1:], dance_best)
-        summary["modes"][mode] = {"final_reward": curve[-1][1], "seconds": curve[-1][0], "time_to_dancegrpo_final": reach,
-                                  "ratio_to_dancegrpo_time": None if reach is None else reach / dance_total,
-                                  "time_to_dancegrpo_best": reach_best,
-                                  "ratio_best_to_dancegrpo_time": None if reach_best is None else reach_best / dance_total}
+        finals = [run[-1]["combined"] for run in runs[mode]]
+        final, low, high = mean_ci95(finals)
+        _, gain_low, gain_high = mean_ci95([f - base for f in finals])
+        points = [(p["cpu_s"], p["mean"]) for p in curve]
+        reach_target = time_to_reach(points, target)
+        reach_dance = time_to_reach(points[1:], dance_final) if dance else None
+        summary["modes"][mode] = {
+            "lr": TUNED_LR[mode], "final_mean": final, "final_ci95": [low, high], "gain": final - base,
+            "gain_ci95": [gain_low, gain_high], "cpu_s": curve[-1]["cpu_s"], "wall_s": curve[-1]["wall_s"],
+            "time_to_target": reach_target, "time_to_dancegrpo_final": reach_dance,
+            "ratio_to_dancegrpo_time": None if reach_dance is None else reach_dance / dance_total}
     summary["plot"] = str(plot_curves(curves, out / "learning.png"))
-    (out / "learning.json").write_text(json.dumps({"summary": summary, "curves": curves}, indent=1))
-    print(f"\nDanceGRPO: final {dance_final:.4f}, best after the start {dance_best:.4f}, {dance_total:.0f} s")
-    print(f"{'mode':<20}{'final reward':>13}{'train s':>9}{'s to Dance final':>18}{'ratio':>7}{'s to Dance best':>17}{'ratio':>7}")
+    (out / "learning.json").write_text(json.dumps({"summary": summary, "curves": curves, "runs": runs}, indent=1))
+    print(f"\nheld-out combined reward, {seeds} seeds (mean [95% CI]); base {base:.4f}; target {target:.4f} "
+          f"(base + half of MixGRPO's gain); times are training CPU seconds")
+    print(f"{'mode':<20}{'lr':>8}{'final':>8}{'CI95':>17}{'gain CI95':>19}{'cpu s':>8}{'to target':>11}{'to Dance final':>16}{'ratio':>7}")
     for mode, row in summary["modes"].items():
-        cells = []
-        for key, ratio_key in (("time_to_dancegrpo_final", "ratio_to_dancegrpo_time"), ("time_to_dancegrpo_best", "ratio_best_to_dancegrpo_time")):
-            cells.append("never" if row[key] is None else f"{row[key]:.0f}")
-            cells.append("-" if row[ratio_key] is None else f"{row[ratio_key]:.2f}")
-        print(f"{mode:<20}{row['final_reward']:>13.4f}{row['seconds']:>9.0f}{cells[0]:>18}{cells[1]:>7}{cells[2]:>17}{cells[3]:>7}")
+        ci = f"[{row['final_ci95'][0]:.3f}, {row['final_ci95'][1]:.3f}]"
+        gain_ci = f"[{row['gain_ci95'][0]:+.3f}, {row['gain_ci95'][1]:+.3f}]"
+        to_target = "never" if row["time_to_target"] is None else f"{row['time_to_target']:.0f}"
+        to_dance = "never" if row["time_to_dancegrpo_final"] is None else f"{row['time_to_dancegrpo_final']:.0f}"
+        ratio = "-" if row["ratio_to_dancegrpo_time"] is None else f"{row['ratio_to_dancegrpo_time']:.2f}"
+        print(f"{mode:<20}{row['lr']:>8g}{row['final_mean']:>8.4f}{ci:>17}{gain_ci:>19}{row['cpu_s']:>8.0f}{to_target:>11}{to_dance:>16}{ratio:>7}")
     print(f"plot: {summary['plot']}")
     if as_json:
         print(json.dumps(summary))

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-Mode = Literal["mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star", "dancegrpo", "flow-grpo"]
+Mode = Literal["mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star", "dancegrpo", "all-sde"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 
 
@@ -88,6 +88,9 @@ class SamplingConfig:
     solver_type: Literal["midpoint", "heun"] = "midpoint"
     post_ratio: float | None = None
     """Fraction of post-window steps kept by the compressed schedule (Flash 0.4, Flash* 0.2)."""
+    decode_pred_x0: bool = False
+    """Score the x0 prediction of the last step (``x - sigma*v``) instead of the last sample, as DanceGRPO
+    does (its ``pred_original``); on for mode dancegrpo, whose last SDE step leaves noise in the sample."""
 
 
 @dataclass
@@ -139,6 +142,9 @@ class OptimConfig:
     """PPO clip epsilon on the probability ratio."""
     kl_coeff: float = 0.0
     """Weight of the KL-to-old term 0.5*(logp_new-logp_old)^2."""
+    kl_ref_coeff: float = 0.0
+    """beta of the KL to a frozen copy of the base policy, (mu - mu_ref)^2/(2 s^2) per trained step
+    (Flow-GRPO's regulariser, 0.04 there); 0 = off, as in MixGRPO. Costs one extra forward per trained step."""
 
 
 @dataclass
@@ -188,6 +194,20 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate held-out rewards every K iterations (0 = only at the end)."""
     eval_images_per_prompt: int = 2
+    """Seeds per held-out prompt in the trainer's evaluations (and for best-checkpoint selection)."""
+    validation_prompts: str = ""
+    """Prompts for best-checkpoint selection and early stopping (never trained on, never reported);
+    "" = the toy world's validation split."""
+    select_best: bool = False
+    """Evaluate on the validation prompts every ``eval_every`` iterations and write the best evaluation's
+    weights to final/ (not the last): best combined optimised reward among the evaluations whose never-optimised
+    measures hold (diversity >= ``selection_min_diversity`` x the base's, each held-out reward >= base - ``selection_tolerance``)."""
+    selection_min_diversity: float = 0.8
+    """select_best: an evaluation qualifies only if its seed diversity keeps this fraction of the base's."""
+    selection_tolerance: float = 0.01
+    """select_best: how far a held-out (never optimised) reward may fall below the base's and still qualify."""
+    early_stop_patience: int = 0
+    """Stop when ``early_stop_patience`` validation evaluations in a row bring no new best (0 = never; needs select_best)."""
     output_dir: str = "runs/mixgrpo"
     checkpoint_every: int = 50
     checkpoint_uri: str = ""
@@ -223,10 +243,13 @@ MODE_PRESETS: dict[str, dict[str, Any]] = {
         "sampling.sde_type": "dance",
         "sampling.eta": 0.3,
         "sampling.shared_prefix": False,
+        "sampling.decode_pred_x0": True,
         "window.strategy": "all",
         "window.train_fraction": 0.6,
     },
-    "flow-grpo": {
+    # MixGRPO's SDE at every step with every transition trained: an ablation of the window, not
+    # Flow-GRPO's recipe (10 steps, KL to a reference, EMA); named for what it is.
+    "all-sde": {
         "sampling.sde_type": "flow",
         "sampling.eta": 0.7,
         "sampling.shared_prefix": False,
@@ -364,13 +387,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file's path; a bare name such as ``toy`` is a preset shipped with the package (presets/toy.yaml)."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    preset = PRESET_DIR / f"{path}.yaml"
+    if "/" not in str(path) and not str(path).endswith((".yaml", ".yml")) and preset.is_file():
+        return preset
+    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {candidate} does not exist (shipped presets, by name: {presets})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
     """Defaults -> mode preset -> YAML file -> overrides; validated."""
     file_values: dict[str, Any] = {}
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
@@ -411,6 +447,13 @@ def validate_config(cfg: TrainConfig) -> None:
         (s.solver_order in (1, 2, 3), "sampling.solver_order must be 1, 2 or 3"),
         (w.strategy == "all" or 1 <= w.size <= s.num_steps - 2, f"window.size must be in [1, num_steps-2={s.num_steps - 2}]"),
         (0 < w.train_fraction <= 1, "window.train_fraction must be in (0, 1]"),
+        (o.kl_ref_coeff >= 0, "optim.kl_ref_coeff must be >= 0 (0 = no KL to the reference policy)"),
+        (0 <= cfg.selection_min_diversity <= 1, "selection_min_diversity must be in [0, 1] (a fraction of the base's diversity)"),
+        (cfg.selection_tolerance >= 0, "selection_tolerance must be >= 0"),
+        (cfg.early_stop_patience >= 0, "early_stop_patience must be >= 0 (0 = never stop early)"),
+        (cfg.early_stop_patience == 0 or (cfg.select_best and cfg.eval_every > 0),
+         "early_stop_patience needs select_best=true and eval_every > 0 (it counts validation evaluations)"),
+        (not cfg.select_best or cfg.eval_every > 0, "select_best needs eval_every > 0 (how often to evaluate on the validation prompts)"),
         (cfg.max_iterations >= 0, "max_iterations must be >= 0"),
         (cfg.prompts_per_iteration >= 1, "prompts_per_iteration must be >= 1"),
         (cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = only the final checkpoint)"),

@@ -326,6 +326,15 @@ def load_full_states(world: World, module: torch.nn.Module, optimizer: torch.opt
     set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
 
 
+def load_full_model_state(world: World, module: torch.nn.Module, model_state: dict) -> None:
+    """Load a full model state dict held by rank 0 (others pass ``{}``) into every rank's module (weights only)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if is_deepspeed(module):
+        raise ConfigError("select_best with distributed.engine=deepspeed is not supported; use fsdp or ddp")
+    set_model_state_dict(module, model_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=world.distributed))
+
+
 def total_norm(norm: torch.Tensor) -> float:
     """The gradient norm ``clip_grad_norm_`` returned (a DTensor under FSDP2)."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -304,3 +304,18 @@ def policy_loss(
         ratio_mean=float(ratio.detach().mean()),
         clip_fraction=float(clip_fraction),
     )
+
+
+def reference_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
+    """KL between the policy's and a frozen reference policy's Gaussian step, per sample (Flow-GRPO's beta term).
+
+    Both steps share the std ``s`` and differ in the mean, so
+    ``KL(N(mu, s^2) || N(mu_ref, s^2)) = (mu - mu_ref)^2 / (2 s^2)``, averaged over the non-batch elements
+    (the same normalisation as the log-probs). ``mean_ref`` is treated as a constant.
+    """
+    if mean.shape != mean_ref.shape:
+        raise ValueError(f"mean {tuple(mean.shape)} and mean_ref {tuple(mean_ref.shape)} must have the same shape")
+    if not bool(torch.all(std > 0)):
+        raise ValueError("std must be > 0 (an SDE step's noise level)")
+    kl = (mean.float() - mean_ref.detach().float()).square() / (2.0 * std.float() ** 2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))

@@ -15,6 +15,7 @@ Launch: ``mixgrpo train --config configs/toy.yaml [section.key=value ...]``; sev
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -30,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from mixgrpo import distributed
 from mixgrpo.config import TrainConfig, config_to_dict, config_to_yaml
 from mixgrpo.distributed import Shard, World
-from mixgrpo.grpo import policy_loss
+from mixgrpo.grpo import policy_loss, reference_kl
 from mixgrpo.images import seed_diversity
 from mixgrpo.models.base import Conditioning, FlowModel, index_conditioning, repeat_conditioning
 from mixgrpo.rewards.base import Reward, build_reward
+from mixgrpo.selection import BestTracker
 from mixgrpo.sampling import Rollout, dance_sde_step, flow_sigmas, mixed_rollout, sde_step
 from mixgrpo.window import SlidingWindow
 
@@ -98,17 +100,27 @@ def sde_window(cfg: TrainConfig, window: SlidingWindow | None, iteration: int) -
     return range(0, cfg.sampling.num_steps) if window is None else window.steps(iteration)
 
 
-def trained_steps(cfg: TrainConfig, rollout_window: range, generator: torch.Generator) -> list[int]:
-    """Steps whose log-probs are optimised for one micro-batch.
+def trained_steps(cfg: TrainConfig, rollout_window: range, generator: torch.Generator, num_rows: int) -> list[list[int]]:
+    """Steps whose log-probs are optimised, one sorted list per row of a micro-batch.
 
-    Sliding window: all its steps. Strategy "all": a random ``train_fraction`` of the first T-1
-    transitions (DanceGRPO: int(24*0.6) = 14), drawn per micro-batch.
+    Sliding window: all its steps, for every row. Strategy "all": a random ``train_fraction`` of the
+    first T-1 transitions (DanceGRPO: int(24*0.6) = 14), drawn per sample as DanceGRPO does.
     """
     if cfg.window.strategy != "all":
-        return list(rollout_window)
+        return [list(rollout_window)] * num_rows
     candidates = cfg.sampling.num_steps - 1
     count = max(1, int(candidates * cfg.window.train_fraction))
-    return sorted(torch.randperm(candidates, generator=generator)[:count].tolist())
+    return [sorted(torch.randperm(candidates, generator=generator)[:count].tolist()) for _ in range(num_rows)]
+
+
+def step_plan(steps_per_row: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """Group a micro-batch's (row, step) pairs by step: ``[(step, [rows that train it]), ...]`` in step order,
+    so each step is one forward over the rows that train it (all rows for a sliding window)."""
+    rows_by_step: dict[int, list[int]] = {}
+    for row, steps in enumerate(steps_per_row):
+        for i in steps:
+            rows_by_step.setdefault(i, []).append(row)
+    return sorted(rows_by_step.items())
 
 
 def step_rule(cfg: TrainConfig) -> Callable:
@@ -175,7 +187,7 @@ def rollout_phase(policy: FlowModel, prompts: list[str], cfg: TrainConfig, windo
         post_ratio=s.post_ratio, shift=s.shift, group_size=n if s.shared_prefix else None,
         generator=[generator_for(cfg.seed, iteration, group, shard.members.start, "sde") for group in shard.groups],
     )
-    images = policy.decode(rollout.sample)
+    images = policy.decode(rollout.pred_x0 if s.decode_pred_x0 else rollout.sample)
     group_ids = torch.tensor(shard.groups).repeat_interleave(n)
     return RolloutBatch([p for p in prompts for _ in range(n)], group_ids, cond, rollout, images)
 
@@ -193,6 +205,7 @@ class UpdateStats:
     ratio_first_microbatch: float = 1.0
     clip_fraction: float = 0.0
     approx_kl: float = 0.0
+    kl_ref: float = 0.0
     grad_norm: float = 0.0
     optimizer_steps: int = 0
     nfe_train: int = 0
@@ -226,12 +239,16 @@ def micro_batches(cfg: TrainConfig, shard: Shard, iteration: int) -> list[tuple[
 
 def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: RolloutBatch, advantages: torch.Tensor,
                  cfg: TrainConfig, iteration: int, rank: int, device: torch.device,
-                 timer: SectionTimer | None = None, shard: Shard | None = None) -> UpdateStats:
+                 timer: SectionTimer | None = None, shard: Shard | None = None,
+                 reference: FlowModel | None = None) -> UpdateStats:
     """Clipped-ratio policy gradient on the window's log-probs, micro-batch by micro-batch.
 
-    Loss per micro-batch and step: ``mean(max(-A*r, -A*clip(r, 1-eps, 1+eps)))``, divided by
-    (steps x accumulation) so an optimiser step averages over both; DDP / FSDP then average the
-    gradients over the ranks, which equals one process accumulating all ranks' micro-batches.
+    Loss per micro-batch and step: ``mean(max(-A*r, -A*clip(r, 1-eps, 1+eps)))`` over the rows that train
+    the step, weighted by their share of the micro-batch and divided by (steps per row x accumulation), so
+    an optimiser step averages over samples, their steps and micro-batches; DDP / FSDP then average the
+    gradients over the ranks, which equals one process accumulating all ranks' micro-batches. With
+    ``reference`` (a frozen base policy) and ``optim.kl_ref_coeff`` = beta, each term adds
+    ``beta * (mu - mu_ref)^2 / (2 s^2)`` (``grpo.reference_kl``).
     """
     o, s = cfg.optim, cfg.sampling
     timer = timer or SectionTimer()
@@ -242,27 +259,38 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
     shard = shard or Shard(tuple(range(rank * groups, (rank + 1) * groups)), range(s.group_size))
     batches = micro_batches(cfg, shard, iteration)
     stats = UpdateStats()
-    clip_sum = kl_sum = loss_sum = 0.0
+    clip_sum = kl_sum = loss_sum = kl_ref_sum = 0.0
     terms = 0
     for start in range(0, len(batches), o.gradient_accumulation_steps):
         group = batches[start:start + o.gradient_accumulation_steps]
-        steps_per_mb = [trained_steps(cfg, window, generator) for _, generator in group]
-        for index, ((rows, _), steps) in enumerate(zip(group, steps_per_mb)):
-            cond = index_conditioning(batch.cond, rows.to(device))
-            adv = advantages[rows].to(device)
-            for i in steps:
+        steps_per_mb = [trained_steps(cfg, window, generator, len(rows)) for rows, generator in group]
+        for index, ((mb_rows, _), steps_per_row) in enumerate(zip(group, steps_per_mb)):
+            plan = step_plan(steps_per_row)
+            steps_per_sample = len(steps_per_row[0])
+            stats.nfe_train += steps_per_sample  # forward+backward passes per sample (the paper's "NFE train")
+            for position, (i, members) in enumerate(plan):
+                rows = mb_rows[members]
+                cond = index_conditioning(batch.cond, rows.to(device))
+                adv = advantages[rows].to(device)
                 k = i - window.start
                 x = ro.latents[rows, k].to(device)
                 x_next = ro.latents[rows, k + 1].to(device)
-                last = index == len(group) - 1 and i == steps[-1]
+                last = index == len(group) - 1 and position == len(plan) - 1
                 with distributed.gradient_sync(policy.module, last):  # all-reduce once per optimiser step
                     with timer.section("forward_train"), autocast_context(cfg, device):
                         v = policy.velocity(x, ro.sigmas[i], cond).float()
-                    logp = step_fn(x, v, ro.sigmas, i, s.eta, prev_sample=x_next).log_prob
-                    out = policy_loss(logp, ro.log_probs[rows, k].to(device), adv, clip_range=o.clip_range, kl_coeff=o.kl_coeff)
+                    step = step_fn(x, v, ro.sigmas, i, s.eta, prev_sample=x_next)
+                    out = policy_loss(step.log_prob, ro.log_probs[rows, k].to(device), adv, clip_range=o.clip_range, kl_coeff=o.kl_coeff)
+                    loss = out.loss
+                    if reference is not None and o.kl_ref_coeff > 0:
+                        with torch.no_grad(), timer.section("forward_reference"), autocast_context(cfg, device):
+                            v_ref = reference.velocity(x, ro.sigmas[i], cond).float()
+                        kl_ref = reference_kl(step.mean, step_fn(x, v_ref, ro.sigmas, i, s.eta, prev_sample=x_next).mean, step.std)
+                        loss = loss + o.kl_ref_coeff * kl_ref.mean()
+                        kl_ref_sum += float(kl_ref.mean())
+                    share = len(members) / len(mb_rows)
                     with timer.section("backward"):
-                        distributed.backward(policy.module, out.loss / (len(steps) * len(group)))
-                stats.nfe_train += 1
+                        distributed.backward(policy.module, loss * share / (steps_per_sample * len(group)))
                 stats.ratios.append(out.ratio_mean)
                 clip_sum += out.clip_fraction
                 kl_sum += out.approx_kl
@@ -274,6 +302,7 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
     stats.loss = loss_sum / max(terms, 1)
     stats.clip_fraction = clip_sum / max(terms, 1)
     stats.approx_kl = kl_sum / max(terms, 1)
+    stats.kl_ref = kl_ref_sum / max(terms, 1)
     stats.ratio_mean = sum(stats.ratios) / max(len(stats.ratios), 1)
     stats.ratio_first_microbatch = stats.ratios[0] if stats.ratios else 1.0
     return stats
@@ -431,7 +460,7 @@ def build_rewards(cfg: TrainConfig, names: list[str], device: torch.device) -> d
 
 
 def load_prompts(path: str, split: str) -> list[str]:
-    """Prompts from a text file (one per line), or the toy world's ``split`` ("train" / "test")."""
+    """Prompts from a text file (one per line), or the toy world's ``split`` ("train" / "validation" / "test")."""
     if path:
         file = Path(path)
         if not file.is_file():
@@ -440,10 +469,10 @@ def load_prompts(path: str, split: str) -> list[str]:
         if not prompts:
             raise ValueError(f"prompt file {file} has no non-empty lines")
         return prompts
-    from mixgrpo.toy.world import train_test_split
+    from mixgrpo.toy.world import train_validation_test_split
 
-    train, test = train_test_split()
-    return list(train if split == "train" else test)
+    train, validation, test = train_validation_test_split()
+    return list({"train": train, "validation": validation, "test": test}[split])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -529,6 +558,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
 
     policy = build_policy(cfg, dev)
     raw_module = policy.module
+    reference = build_reference(policy) if cfg.optim.kl_ref_coeff > 0 else None
     policy.module, optimizer = distributed.prepare(raw_module, world, cfg, lambda params: torch.optim.AdamW(
         params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay))
     # from here on the adapter's forward (``self.module(...)``) goes through the engine
@@ -539,6 +569,9 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
     reward_names = list(cfg.rewards.names) + held_out_names
     train_prompts = load_prompts(cfg.prompts, "train")
     eval_prompts = load_prompts(cfg.eval_prompts, "test")
+    validation_prompts = load_prompts(cfg.validation_prompts, "validation") if cfg.select_best else []
+    tracker = BestTracker(list(cfg.rewards.names), held_out_names, cfg.selection_min_diversity,
+                          cfg.selection_tolerance, cfg.early_stop_patience)
     window = build_window(cfg)
     sigmas = flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift).to(dev)
     shard = distributed.shard_for(cfg, world)
@@ -556,12 +589,18 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
     log = MetricsLog(output_dir / "metrics.jsonl", cfg) if main else None
 
     held_out_before = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
+    best_dir = output_dir / "best"
+    if cfg.select_best and start_iteration > 0 and (best_dir / "best.json").is_file():
+        tracker = BestTracker.from_state(json.loads((best_dir / "best.json").read_text()))
+    elif cfg.select_best:
+        select_if_best(tracker, 0, policy, all_rewards, validation_prompts, cfg, world, optimizer, best_dir)
     if start_iteration == 0 and log:
-        log.log({"iteration": 0, "held_out": held_out_before})
+        log.log({"iteration": 0, "held_out": held_out_before,
+                 **({"validation": tracker.history[-1]} if cfg.select_best and tracker.history else {})})
 
     for iteration in iterations_bar(start_iteration, cfg.max_iterations, cfg.progress_bar and main):
         timer = SectionTimer(dev)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         steps = sde_window(cfg, window, iteration)
         prompts = [prompt_for_group(train_prompts, cfg.seed, iteration, g) for g in shard.groups]
         batch = rollout_phase(policy, prompts, cfg, steps, iteration, world.rank, dev, sigmas, timer, shard)
@@ -574,8 +613,8 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
             world, scores, batch.group_ids, optimised=cfg.rewards.names, weights=cfg.rewards.weights or None,
             mix=cfg.rewards.mix, clip=cfg.rewards.advantage_clip, on_failure=cfg.rewards.on_failure)
         t2 = time.perf_counter()
-        update = update_phase(policy, optimizer, batch, advantages, cfg, iteration, world.rank, dev, timer, shard)
-        t3 = time.perf_counter()
+        update = update_phase(policy, optimizer, batch, advantages, cfg, iteration, world.rank, dev, timer, shard, reference)
+        t3, cpu3 = time.perf_counter(), time.process_time()
 
         record = {
             "iteration": iteration + 1,
@@ -586,28 +625,43 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
             "advantage": {"mean": float(advantages.mean()), "std": float(advantages.std()), "abs_max": float(advantages.abs().max()),
                           "failed": adv_stats.num_failed, "invalid": adv_stats.num_invalid, "clipped": adv_stats.num_clipped},
             "loss": update.loss, "ratio_mean": update.ratio_mean, "ratio_first_microbatch": update.ratio_first_microbatch,
-            "clip_fraction": update.clip_fraction, "approx_kl": update.approx_kl, "grad_norm": update.grad_norm,
+            "clip_fraction": update.clip_fraction, "approx_kl": update.approx_kl, "kl_ref": update.kl_ref, "grad_norm": update.grad_norm,
             "optimizer_steps": update.optimizer_steps,
-            "seconds": {"rollout": t1 - t0, "reward": t2 - t1, "train": t3 - t2, "total": t3 - t0,
+            "seconds": {"rollout": t1 - t0, "reward": t2 - t1, "train": t3 - t2, "total": t3 - t0, "cpu_total": cpu3 - cpu0,
                         **{f"model_{name}": value for name, value in timer.seconds.items()}},
         }
         done = iteration + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_iterations:
             record["held_out"] = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
+        if cfg.select_best and cfg.eval_every and done % cfg.eval_every == 0:
+            select_if_best(tracker, done, policy, all_rewards, validation_prompts, cfg, world, optimizer, best_dir)
+            record["validation"] = tracker.history[-1]
         if log:
             log.log(record)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             checkpoint_all_ranks(world, output_dir, done, policy.module, optimizer, cfg)
+        if tracker.should_stop:
+            if main:
+                print(f"early stop after iteration {done}: {tracker.since_best} validation evaluations without a new best "
+                      f"(best: iteration {tracker.best_iteration}, combined {tracker.best_score:.4f})")
+            cfg.max_iterations = done
+            break
 
     final_iteration = max(cfg.max_iterations, start_iteration)
     last = checkpoint_dirs(output_dir)[-1].name if main and checkpoint_dirs(output_dir) else ""
     if distributed.broadcast_object(world, last != f"{CHECKPOINT_PREFIX}{final_iteration:06d}"):
         checkpoint_all_ranks(world, output_dir, final_iteration, policy.module, optimizer, cfg)
+    if cfg.select_best and tracker.best_iteration != final_iteration:
+        restore_best(world, policy.module, best_dir)
+        if main:
+            print(f"final weights: the best validation evaluation, iteration {tracker.best_iteration} "
+                  f"(combined {tracker.best_score:.4f}), not the last ({final_iteration})")
     held_out_after = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
     final_dir = output_dir / "final"
     model_state, _ = distributed.full_states(policy.module, optimizer) if world.distributed else ({}, {})
     if main:
-        log.log({"iteration": final_iteration, "held_out": held_out_after, "final": True})
+        log.log({"iteration": final_iteration, "held_out": held_out_after, "final": True,
+                 **({"selected_iteration": tracker.best_iteration} if cfg.select_best else {})})
         log.close()
         if world.distributed:
             save_final_weights(final_dir / "transformer", raw_module, model_state)
@@ -624,6 +678,42 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
             publish_dir(final_dir, f"{cfg.checkpoint_uri.rstrip('/')}/final", metadata={"iteration": final_iteration})
     distributed.barrier(world)
     return TrainResult(output_dir, final_iteration, final_dir, held_out_before, held_out_after, time.perf_counter() - t_start)
+
+
+def build_reference(policy: FlowModel) -> FlowModel:
+    """A frozen copy of the policy at its current (base) weights, for the KL-to-reference term."""
+    reference = copy.copy(policy)
+    reference.module = copy.deepcopy(policy.module).requires_grad_(False).eval()
+    return reference
+
+
+def select_if_best(tracker: BestTracker, iteration: int, policy: FlowModel, rewards: dict[str, Reward],
+                   prompts: list[str], cfg: TrainConfig, world: World, optimizer: torch.optim.Optimizer,
+                   best_dir: Path) -> None:
+    """Evaluate on the validation prompts; when it is the best qualifying evaluation, save its weights to
+    ``best_dir`` (rank 0; collective under several processes). The tracker's state is saved beside them."""
+    evaluation = held_out_rewards(policy, rewards, prompts, cfg, world.device)
+    is_best = distributed.broadcast_object(world, tracker.update(iteration, evaluation) if world.is_main else False)
+    if is_best:
+        model_state, _ = distributed.full_states(policy.module, optimizer) if world.distributed else (
+            {k: v.detach() for k, v in policy.module.state_dict().items()}, {})
+        if world.is_main:
+            best_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, best_dir / ".model.tmp")
+            (best_dir / ".model.tmp").replace(best_dir / "model.safetensors")
+    if world.is_main:
+        best_dir.mkdir(parents=True, exist_ok=True)
+        (best_dir / "best.json").write_text(json.dumps(tracker.state(), indent=1))
+    distributed.barrier(world)
+
+
+def restore_best(world: World, module: torch.nn.Module, best_dir: Path) -> None:
+    """Load the best evaluation's weights (saved by ``select_if_best``) into the module on every rank."""
+    state = load_file(best_dir / "model.safetensors") if world.is_main else {}
+    if world.distributed:
+        distributed.load_full_model_state(world, module, state)
+    else:
+        module.load_state_dict(state)
 
 
 def checkpoint_all_ranks(world: World, output_dir: Path, iteration: int, module: torch.nn.Module,

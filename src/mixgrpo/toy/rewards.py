@@ -7,8 +7,9 @@ Trained on (registered names):
     (pushes towards small objects).
   - ``toy_shape``: soft IoU of the object region with the prompt's shape drawn in a
     *square* box fitted to that region (a template stretched to the region's bounding box was
-    gamed by tall bars), rescaled so IoU 0.5 scores 0. Rendered shapes score ~0.97, the
-    nearest wrong shape 0.4-0.7 (a circle covers 83 % of its equal-area square), blobs ~0.2.
+    gamed by tall bars), rescaled so IoU 0.5 scores 0, times the IoU's lead over the best other
+    shape (full marks from ``SHAPE_MARGIN``): a compromise shape that fits every template about
+    equally scores ~0 for every shape word, a wrong shape 0.
   - ``toy_contrast``: an aesthetic, twice the standard deviation of luminance (pushes towards
     large objects and extreme luminance, partly against the colour rewards).
 Never trained on:
@@ -36,6 +37,7 @@ COLOR_TOLERANCE = 0.6  # RGB distance at which closeness reaches 0
 MIN_OBJECT_AREA = 40.0  # pixels an object needs for full object-colour marks
 BACKGROUND_FULL_MARKS = 0.75  # background share that earns 1.0
 SHAPE_IOU_FLOOR = 0.5  # IoU mapped to 0 (chance-level overlap); a circle fits a square template at ~0.83
+SHAPE_MARGIN = 0.1  # IoU lead over the best-fitting other shape that earns full marks (rendered shapes lead by >= 0.13)
 REALISM_TOLERANCE = 0.15  # RGB distance for a pixel to count as one of the prompt's colours
 LUMA = (0.299, 0.587, 0.114)
 
@@ -144,16 +146,23 @@ def _template_iou(region: torch.Tensor, shape_id: int) -> torch.Tensor:
 
 
 def shape(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """IoU of the object region with the prompt's shape fitted in a square box; IoU 0.5 -> 0, 1 -> 1.
+    """How well the object region is the prompt's shape *and not another one*:
+    ``fit * lead`` with ``fit = (IoU_asked - 0.5) / 0.5`` and ``lead = (IoU_asked - max IoU_other) / SHAPE_MARGIN``,
+    each clamped to [0, 1]; IoU against each shape's template fitted in a square box (``_fit_template``).
 
-    Faint pixels are dropped first (``_drop_faint``), so haze neither adds area nor moves the centroid.
+    The lead term makes a compromise shape (a blob or a cross that fits every template about equally)
+    score ~0 for every shape word, so one drawing cannot serve all prompts. Faint pixels are dropped first
+    (``_drop_faint``), so haze neither adds area nor moves the centroid.
     """
     t = _targets(images, prompts)
     region = _drop_faint(_object_fraction(images, t))
     ious = torch.stack([_template_iou(region, k) for k in range(len(SHAPES))], dim=1)
     iou = ious.gather(1, t.shape_ids.view(-1, 1)).squeeze(1)
+    others = ious.scatter(1, t.shape_ids.view(-1, 1), float("-inf")).max(dim=1).values
     present = region.sum((1, 2)) >= 1.0
-    score = (iou - SHAPE_IOU_FLOOR) / (1 - SHAPE_IOU_FLOOR) * present
+    fit = ((iou - SHAPE_IOU_FLOOR) / (1 - SHAPE_IOU_FLOOR)).clamp(0.0, 1.0)
+    lead = ((iou - others) / SHAPE_MARGIN).clamp(0.0, 1.0)
+    score = fit * lead * present
     return _failed_as_nan(images, score.clamp(0.0, 1.0))
 
 

@@ -107,6 +107,25 @@ def train_test_split(test_fraction: float = 0.22, seed: int = 0) -> tuple[list[s
     raise RuntimeError(f"no split with test_fraction={test_fraction} keeps every word in training; lower it")
 
 
+VALIDATION_COUNT = 12  # training-split prompts set aside for checkpoint selection and learning-rate sweeps
+
+
+def train_validation_test_split(validation_count: int = VALIDATION_COUNT, seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """(train, validation, held-out test): ``train_test_split`` with ``validation_count`` training prompts
+    set aside, so that choices (best checkpoint, learning rate) are never made on the reported test prompts.
+
+    The remaining training prompts still cover every word; the test split is the same as ``train_test_split``'s.
+    """
+    train, test = train_test_split(seed=seed)
+    rng = random.Random(seed + 1)
+    for _ in range(1000):
+        validation = set(rng.sample(train, validation_count))
+        rest = [p for p in train if p not in validation]
+        if _covers_vocabulary(rest):
+            return rest, sorted(validation), test
+    raise RuntimeError(f"no validation split of {validation_count} prompts keeps every word in training; lower it")
+
+
 def color_tensor(names: list[str]) -> torch.Tensor:
     """Colour names -> (N, 3) RGB in [0, 1]."""
     return torch.tensor([COLORS[name] for name in names], dtype=torch.float32)
