@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from mixgrpo.config import load_config
 from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
-from mixgrpo.train import checkpoint_dirs, derive_seed, train, trained_steps
+from mixgrpo.train import checkpoint_dirs, derive_seed, step_plan, train, trained_steps
 
 TINY = ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=32)
 
@@ -118,8 +118,50 @@ def test_dancegrpo_trains_sixty_percent_of_transitions(tiny_model_dir, tmp_path)
     record = [r for r in read_metrics(tmp_path / "dance") if "loss" in r][0]
     assert (record["window_start"], record["window_stop"]) == (0, 8)          # every step is SDE
     assert record["nfe_train"] == 2 * int(7 * 0.6)                            # 2 micro-batches x 4 of 7 transitions
-    steps = trained_steps(cfg, range(0, 8), torch.Generator().manual_seed(derive_seed(1)))
-    assert len(steps) == 4 and len(set(steps)) == 4 and max(steps) <= 6
+    per_row = trained_steps(cfg, range(0, 8), torch.Generator().manual_seed(derive_seed(1)), 6)
+    assert len(per_row) == 6 and all(len(steps) == 4 and len(set(steps)) == 4 and max(steps) <= 6 for steps in per_row)
+    assert len({tuple(steps) for steps in per_row}) > 1                        # drawn per sample, as DanceGRPO does
+    plan = step_plan(per_row)
+    assert [i for i, _ in plan] == sorted({i for steps in per_row for i in steps})
+    assert sorted((row, i) for i, rows in plan for row in rows) == sorted((row, i) for row, steps in enumerate(per_row) for i in steps)
+
+
+def test_dancegrpo_scores_the_last_x0_prediction(tiny_model_dir, tmp_path):
+    """DanceGRPO decodes pred_original of the last step: the scored images are decode(x - sigma*v), not the noisy sample."""
+    from mixgrpo.sampling import flow_sigmas
+    from mixgrpo.toy.model import load_toy_model
+    from mixgrpo.train import rollout_phase
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "x0", mode="dancegrpo", **{"sampling.eta": 1.0})
+    assert cfg.sampling.decode_pred_x0
+    policy = load_toy_model(tiny_model_dir)
+    sigmas = flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift)
+    batch = rollout_phase(policy, ["a red circle on a black background"], cfg, range(0, 8), 0, 0, torch.device("cpu"), sigmas)
+    assert torch.allclose(batch.images, policy.decode(batch.rollout.pred_x0))
+    assert not torch.allclose(batch.images, policy.decode(batch.rollout.sample))
+
+
+def test_kl_to_reference_is_zero_at_the_start_and_grows(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "kl", checkpoint_every=0,
+                      **{"optim.kl_ref_coeff": 0.04, "optim.lr": 1e-3, "optim.gradient_accumulation_steps": 2})
+    train(cfg)
+    records = [r for r in read_metrics(tmp_path / "kl") if "loss" in r]
+    assert records[0]["optimizer_steps"] == 1
+    assert records[0]["kl_ref"] == 0.0 < records[-1]["kl_ref"]   # before the first step the policy is the reference
+
+
+def test_select_best_writes_the_best_validation_weights(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "best", checkpoint_every=0, max_iterations=4, eval_every=2,
+                      select_best=True, **{"optim.lr": 1e-3})
+    result = train(cfg)
+    state = json.loads((tmp_path / "best" / "best" / "best.json").read_text())
+    assert [h["iteration"] for h in state["history"]] == [0, 2, 4]
+    chosen = state["best_iteration"]
+    final = [r for r in read_metrics(tmp_path / "best") if r.get("final")][0]
+    assert final["selected_iteration"] == chosen
+    saved = load_file(result.final_weights / "transformer" / "diffusion_pytorch_model.safetensors")
+    best = load_file(tmp_path / "best" / "best" / "model.safetensors")
+    assert all(torch.equal(saved[k], best[k]) for k in best)
 
 
 @pytest.mark.parametrize("mode, nfe_old", [("mixgrpo-flash", None), ("mixgrpo-flash-star", None)])

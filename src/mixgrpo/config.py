@@ -138,6 +138,9 @@ class OptimConfig:
     """Trajectories per forward/backward micro-batch."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimiser step."""
+    mix_prompts: bool = False
+    """Each micro-batch takes ``train_batch_size / G`` samples of every one of the process's G prompts (as G
+    ranks with one prompt each would), so every optimiser step averages all prompts instead of one group."""
     clip_range: float = 1e-4
     """PPO clip epsilon on the probability ratio."""
     kl_coeff: float = 0.0
@@ -461,6 +464,10 @@ def validate_config(cfg: TrainConfig) -> None:
         (o.lr > 0, "optim.lr must be > 0"),
         (o.clip_range > 0, "optim.clip_range must be > 0"),
         (o.train_batch_size >= 1 and o.gradient_accumulation_steps >= 1, "optim.train_batch_size and gradient_accumulation_steps must be >= 1"),
+        (not o.mix_prompts or (o.train_batch_size % cfg.prompts_per_iteration == 0
+                               and s.group_size % (o.train_batch_size // cfg.prompts_per_iteration or 1) == 0
+                               and o.train_batch_size >= cfg.prompts_per_iteration),
+         "optim.mix_prompts needs optim.train_batch_size = k x prompts_per_iteration with k dividing sampling.group_size"),
         (len(cfg.rewards.names) >= 1, "rewards.names must name at least one reward"),
         (cfg.distributed.timeout_s > 0, "distributed.timeout_s must be > 0 seconds"),
         (set(cfg.rewards.weights) <= set(cfg.rewards.names),

@@ -222,6 +222,8 @@ def micro_batches(cfg: TrainConfig, shard: Shard, iteration: int) -> list[tuple[
     with all W groups and W*a accumulation steps.
     """
     n, size = len(shard.members), cfg.optim.train_batch_size
+    if cfg.optim.mix_prompts:
+        return _mixed_micro_batches(cfg, shard, iteration)
     units: list[list[tuple[torch.Tensor, int]]] = []  # per unit of groups: its chunks (rows, first group)
     per_unit = size // n if size >= n and size % n == 0 else 1
     for k in range(0, len(shard.groups), per_unit):
@@ -235,6 +237,19 @@ def micro_batches(cfg: TrainConfig, shard: Shard, iteration: int) -> list[tuple[
                 rows, group = unit[slot]
                 out.append((rows, generator_for(cfg.seed, iteration, group, shard.members.start, slot, "steps")))
     return out
+
+
+def _mixed_micro_batches(cfg: TrainConfig, shard: Shard, iteration: int) -> list[tuple[torch.Tensor, torch.Generator]]:
+    """``optim.mix_prompts``: micro-batch j holds chunk j (``train_batch_size / G`` rows) of every one of the G
+    groups, as G ranks with one prompt each and that chunk size would train it together; each group's rows
+    are shuffled by the same generator as in ``micro_batches``."""
+    n, groups = len(shard.members), len(shard.groups)
+    per_group = cfg.optim.train_batch_size // groups
+    shuffled = [torch.randperm(n, generator=generator_for(cfg.seed, iteration, g, shard.members.start, "update")) + k * n
+                for k, g in enumerate(shard.groups)]
+    return [(torch.cat([rows[start:start + per_group] for rows in shuffled]),
+             generator_for(cfg.seed, iteration, shard.groups[0], shard.members.start, slot, "steps"))
+            for slot, start in enumerate(range(0, n, per_group))]
 
 
 def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: RolloutBatch, advantages: torch.Tensor,
