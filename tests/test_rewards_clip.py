@@ -197,35 +197,24 @@ def open_clip_tokens(tokenizer, prompts: list[str], length: int) -> torch.Tensor
 def test_pad_mode_puts_a_wide_image_in_the_middle_band_with_black_padding() -> None:
     # a 100 wide x 50 high white image -> 224 x 112, centred vertically in 224 x 224
     images = torch.ones(1, 3, 50, 100)
-    out = ImageTransform(size=224, mode="pad", clamp=False)(images)
+    out = ImageTransform(size=224, mode="pad")(images)
     assert out.shape == (1, 3, 224, 224)
     white = torch.tensor([(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(3, 1, 1)
     black = torch.tensor([(0 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(3, 1, 1)
-    torch.testing.assert_close(out[0, :, 56:168, :], white.expand(3, 112, 224), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[0, :, 56:168, :], white.expand(3, 112, 224), atol=1e-6, rtol=0)
     torch.testing.assert_close(out[0, :, :56, :], black.expand(3, 56, 224), atol=1e-6, rtol=0)
     torch.testing.assert_close(out[0, :, 168:, :], black.expand(3, 56, 224), atol=1e-6, rtol=0)
 
 
 def test_pad_mode_odd_padding_goes_right_and_bottom() -> None:
     images = torch.ones(1, 3, 20, 7)  # tall: 224 high, round(7 * 11.2) = 78 wide, pad 146 = 73 + 73
-    out = ImageTransform(size=224, mode="pad", mean=(0, 0, 0), std=(1, 1, 1), clamp=False)(images)
+    out = ImageTransform(size=224, mode="pad", mean=(0, 0, 0), std=(1, 1, 1))(images)
     cols = (out[0, 0] > 0.5).any(dim=0).nonzero().flatten()
     assert (cols.min().item(), cols.max().item()) == (73, 150)
     images = torch.ones(1, 3, 10, 7)  # 224 x round(156.8) = 157 wide, pad 67 = 33 left + 34 right
-    out = ImageTransform(size=224, mode="pad", mean=(0, 0, 0), std=(1, 1, 1), clamp=False)(images)
+    out = ImageTransform(size=224, mode="pad", mean=(0, 0, 0), std=(1, 1, 1))(images)
     cols = (out[0, 0] > 0.5).any(dim=0).nonzero().flatten()
     assert (cols.min().item(), cols.max().item()) == (33, 189)
-
-
-def test_pad_mode_matches_pil_bicubic_within_a_grey_level() -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    plane = rng.random((50, 100)).astype(np.float32)
-    images = torch.from_numpy(plane)[None, None].expand(1, 3, 50, 100).contiguous()
-    out = ImageTransform(size=224, mode="pad", mean=(0, 0, 0), std=(1, 1, 1), clamp=False)(images)
-    pil = np.asarray(Image.fromarray(plane, mode="F").resize((224, 112), Image.BICUBIC))
-    assert np.abs(out[0, 0, 56:168].numpy() - pil).mean() < 2 / 255
 
 
 def test_crop_mode_matches_the_hf_clip_image_processor() -> None:
@@ -239,7 +228,7 @@ def test_crop_mode_matches_the_hf_clip_image_processor() -> None:
     images = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
     out = ImageTransform(size=28, mode="crop")(images)
     assert out.shape == expected.shape == (1, 3, 28, 28)
-    assert (out - expected).abs().mean() < 0.03  # ~1 grey level / std, bicubic kernels differ in the last digit
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=0)  # same 8-bit pixels; float rounding only
 
 
 def test_crop_mode_takes_the_centre() -> None:
