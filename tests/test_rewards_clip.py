@@ -53,12 +53,13 @@ def save_clip_tokenizer(directory: Path) -> None:
     from transformers import CLIPTokenizer
 
     CLIPTokenizer(vocab=tiny_clip_vocab(), merges=[]).save_pretrained(str(directory))
+    (directory / "vocab.json").write_text(json.dumps(tiny_clip_vocab()))  # as the real files: sot / eot ids inside
 
 
-def open_clip_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+def open_clip_state_dict(seed: int = 0, config: dict = TINY_OPEN_CLIP) -> dict[str, torch.Tensor]:
     """Random tensors under open_clip's own names and shapes (written from open_clip's model.py)."""
     g = torch.Generator().manual_seed(seed)
-    cfg = TINY_OPEN_CLIP["model_cfg"]
+    cfg = config["model_cfg"]
     v, t, e = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
 
     def rnd(*shape: int, std: float = 0.1) -> torch.Tensor:
@@ -95,26 +96,30 @@ def open_clip_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return sd | blocks("", t["width"], t["layers"]) | blocks("visual.", v["width"], v["layers"])
 
 
-def make_hps_dir(directory: Path, seed: int = 0) -> Path:
+def make_hps_dir(directory: Path, seed: int = 0, config: dict = TINY_OPEN_CLIP, save_tokenizer=save_clip_tokenizer) -> Path:
     """HPS layout: the checkpoint as HPSv2 saves it ({'state_dict': ...}, fp16), a tokenizer, the arch config."""
     directory.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.half() for k, v in open_clip_state_dict(seed).items()}
+    sd = {k: v.half() for k, v in open_clip_state_dict(seed, config).items()}
     torch.save({"epoch": 1, "state_dict": sd}, directory / HPS_CHECKPOINT)
-    save_clip_tokenizer(directory)
-    (directory / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    save_tokenizer(directory)
+    (directory / "open_clip_config.json").write_text(json.dumps(config))
     return directory
 
 
-def make_hf_clip_dir(directory: Path, seed: int = 0, image_size: int = 28, processor: dict | None = None) -> Path:
+def make_hf_clip_dir(
+    directory: Path, seed: int = 0, image_size: int = 28, processor: dict | None = None, save_tokenizer=save_clip_tokenizer,
+) -> Path:
     """A Hugging Face CLIPModel directory (PickScore_v1 / DFN5B layout): config, safetensors, tokenizer, processor."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    vocab = tiny_clip_vocab()
+    save_tokenizer(directory)
+    vocab = json.loads((directory / "vocab.json").read_text())
+    eos = vocab["<|endoftext|>"]
     config = CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
-                         bos_token_id=52, eos_token_id=53, pad_token_id=53),
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=image_size, patch_size=14, hidden_act="gelu"),
         projection_dim=16,
@@ -126,7 +131,6 @@ def make_hf_clip_dir(directory: Path, seed: int = 0, image_size: int = 28, proce
             if p.dim() >= 2:
                 p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(str(directory))
-    save_clip_tokenizer(directory)
     processor = processor or {
         "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True, "do_normalize": True,
         "do_resize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "resample": 3,
