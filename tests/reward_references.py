@@ -206,3 +206,21 @@ def save_byte_level_clip_tokenizer(directory: Path) -> int:
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return len(vocab)
+
+
+MAX_RELATIVE_ERROR = 1e-4  # what "the same score as the reference" means here
+
+
+def check_score_errors(reward: str, resample: str, ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """Print the max relative error and the max absolute error over the scores' spread; the exact
+    path (``pil``) must be within :data:`MAX_RELATIVE_ERROR` relative, the approximate one (``torch``)
+    measurably off yet well within the spread of the scores."""
+    assert reference.abs().min() > 1e-4 and reference.std() > 1e-2  # relative errors are defined, samples differ
+    relative = ((ours - reference).abs() / reference.abs()).max().item()
+    of_spread = ((ours - reference).abs().max() / reference.std()).item()
+    print(f"{reward} resample={resample}: max relative score error {relative:.1e}, "
+          f"max error / score std {of_spread:.1e}, over {len(ours)} images")
+    if resample == "pil":
+        assert relative < MAX_RELATIVE_ERROR
+    else:
+        assert relative > MAX_RELATIVE_ERROR and of_spread < 0.5
