@@ -80,7 +80,7 @@ class ImageTransform:
         return normalize(self.resize_uint8(to_uint8(images)).to(images.device), self.mean, self.std)
 
     def resize_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
-        """8-bit ``(B, 3, H, W)`` -> 8-bit ``(B, 3, S, S)``: steps 2 of the module doc (on the CPU for ``"pil"``)."""
+        """8-bit ``(B, 3, H, W)`` -> 8-bit ``(B, 3, S, S)``: step 2 of the module doc (on the CPU for ``"pil"``)."""
         h, w = pixels.shape[-2:]
         plan = plan_geometry(h, w, self.size, self.mode, self.crop)
         if self.resample == "pil":
