@@ -9,6 +9,14 @@ Each scores an image against its prompt from the two towers' embeddings ``i`` an
   ``"report"`` ``s / 100`` (the paper's tables), ``"raw"`` ``s``.
 * ``clip``: DFN5B-CLIP-ViT-H-14-384. ``cos(i, t)``.
 
+Prompts: HPS and the CLIP score are open_clip models, whose tokenizer cleans a prompt before BPE
+(:func:`open_clip_clean`: ``ftfy.fix_text``, ``html.unescape`` twice, whitespace runs to one
+space, lower case); PickScore's reference is transformers' ``CLIPProcessor``, whose (fast)
+tokenizer only applies NFC, the whitespace rule and lower case, so its prompts are not cleaned.
+Text is cut at the model's context (77): start token, the first 75 BPE tokens, end token, as both
+tokenizers do. Images: see :mod:`mixgrpo.rewards.preprocess` (8-bit, PIL bicubic, per-reference
+crop / pad arithmetic); ``resample="torch"`` selects the approximate on-device resize.
+
 Why HPS runs on ``CLIPModel`` and not open_clip: ``open_clip`` imports torchvision, which has no
 CPU build for this project's torch, so it cannot be installed on the CPU images (and pins its own
 torch on the GPU ones). The HPS checkpoint is an open_clip state dict; :func:`convert_open_clip_state_dict`
@@ -40,9 +48,10 @@ Mapping (open_clip -> CLIPModel; ``{i}`` a block index, ``T`` a transpose):
 
 from __future__ import annotations
 
+import html
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +61,7 @@ import torch.nn.functional as F
 
 from mixgrpo.rewards.base import register_reward
 from mixgrpo.rewards.cache import check_weights_dir, resolve_weights_dir
-from mixgrpo.rewards.preprocess import ImageTransform, score_in_batches, transform_from_processor_config
+from mixgrpo.rewards.preprocess import ImageTransform, Resampler, score_in_batches, transform_from_processor_config
 
 HPS_CHECKPOINT = "HPS_v2.1_compressed.pt"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -247,14 +256,31 @@ def read_open_clip_arch(directory: Path, default: OpenClipArch) -> OpenClipArch:
         raise ValueError(f"{path}: not an open_clip model config ({error!r}); expected {{'model_cfg': {{...}}}}") from error
 
 
-def open_clip_transform(directory: Path, arch: OpenClipArch, default_mode: Literal["pad", "crop", "squash"]) -> ImageTransform:
-    """The image transform of an open_clip model dir: ``preprocess_cfg`` of its config, else ``default_mode``."""
+def open_clip_transform(
+    directory: Path, arch: OpenClipArch, default_mode: Literal["pad", "crop", "squash"], resample: Resampler = "pil",
+) -> ImageTransform:
+    """The image transform of an open_clip model dir: ``preprocess_cfg`` of its config, else ``default_mode``.
+
+    open_clip's eval transforms are torchvision ``Resize`` / ``CenterCrop`` on PIL images, so a
+    crop starts at ``round(excess / 2)`` (``crop="round"``).
+    """
     path = directory / OPEN_CLIP_CONFIG
     cfg = json.loads(path.read_text()).get("preprocess_cfg", {}) if path.is_file() else {}
     modes = {"longest": "pad", "shortest": "crop", "squash": "squash"}
     mode = modes.get(cfg.get("resize_mode", ""), default_mode)
     kwargs = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
-    return ImageTransform(size=arch.image_size, mode=mode, clamp=mode != "pad", **kwargs)  # type: ignore[arg-type]
+    return ImageTransform(size=arch.image_size, mode=mode, crop="round", resample=resample, **kwargs)  # type: ignore[arg-type]
+
+
+def open_clip_clean(text: str) -> str:
+    """open_clip's prompt cleaning before BPE: ``ftfy.fix_text``, ``html.unescape`` twice, strip,
+    every whitespace run to one space, strip, lower case (curly quotes -> straight, ``&amp;`` -> ``&``,
+    ligatures split, full-width -> ASCII)."""
+    import ftfy
+    import regex
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
 
 
 # --------------------------------------------------------------------------- the scorer
@@ -287,6 +313,7 @@ class ClipScorer:
         dtype: str = "float32",
         use_logit_scale: bool = False,
         output: Affine = Affine(),
+        clean_text: Callable[[str], str] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
@@ -299,6 +326,7 @@ class ClipScorer:
         self.batch_size = batch_size
         self.use_logit_scale = use_logit_scale
         self.output = output
+        self.clean_text = clean_text
         self.max_length = int(model.config.text_config.max_position_embeddings)
 
     def __repr__(self) -> str:
@@ -309,9 +337,14 @@ class ClipScorer:
         raw = score_in_batches(images, prompts, self.name, self.batch_size, self._raw)
         return ((raw - self.output.shift) / self.output.scale).to(images.device)
 
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` / ``attention_mask`` ``[B, max_length]``: cleaned (if the reward cleans), cut at the context."""
+        texts = [self.clean_text(p) for p in prompts] if self.clean_text else list(prompts)
+        return self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+
     def _raw(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         pixels = self.transform(images.to(self.device)).to(self.dtype)
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        tokens = self.tokenize(prompts)
         image_emb = _pooled(self.model.get_image_features(pixel_values=pixels))
         text_emb = _pooled(self.model.get_text_features(
             input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device),
@@ -334,9 +367,10 @@ def resolve_dtype(name: str, reward: str) -> torch.dtype:
 
 
 def _clip_tokenizer(directory: Path) -> Any:
-    from transformers import CLIPTokenizer
+    """The fast (``tokenizers``) CLIP tokenizer, as ``CLIPProcessor`` loads it (transformers 4's slow one differs)."""
+    from transformers import CLIPTokenizerFast
 
-    return CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return CLIPTokenizerFast.from_pretrained(str(directory), local_files_only=True)
 
 
 def _hf_clip(directory: Path) -> Any:
@@ -355,14 +389,20 @@ def build_hps(
     batch_size: int = 16,
     dtype: str = "float32",
     cache_dir: str | Path | None = None,
+    resample: Resampler = "pil",
 ) -> ClipScorer:
-    """HPS v2.1: ``cos(i, t)`` of open_clip ViT-H-14 with the HPS weights (``weights_dir``: see mixgrpo.rewards.cache)."""
+    """HPS v2.1: ``cos(i, t)`` of open_clip ViT-H-14 with the HPS weights (``weights_dir``: see mixgrpo.rewards.cache).
+
+    Preprocessing as HPSv2's ``ResizeMaxSize(224, fill=0)`` (``mode="pad"``); prompts cleaned as open_clip does.
+    """
     root = check_weights_dir("hps", resolve_weights_dir(weights_dir, cache_dir=cache_dir))
     arch = read_open_clip_arch(root, VIT_H_14)
     tokenizer = _clip_tokenizer(root)
     model = load_open_clip_as_hf(root / HPS_CHECKPOINT, arch, tokenizer)
-    transform = ImageTransform(size=arch.image_size, mode="pad", pad_value=0.0, clamp=False)
-    return ClipScorer("hps", model, tokenizer, transform, device=device, batch_size=batch_size, dtype=dtype)
+    transform = ImageTransform(size=arch.image_size, mode="pad", pad_value=0, resample=resample)
+    return ClipScorer(
+        "hps", model, tokenizer, transform, device=device, batch_size=batch_size, dtype=dtype, clean_text=open_clip_clean,
+    )
 
 
 PickScoreNorm = Literal["train", "report", "raw"]
@@ -381,13 +421,14 @@ def build_pickscore(
     dtype: str = "float32",
     normalize: PickScoreNorm = "train",
     cache_dir: str | Path | None = None,
+    resample: Resampler = "pil",
 ) -> ClipScorer:
     """PickScore: ``s = exp(logit_scale) cos(i, t)``; ``normalize`` train ``(s-18)/8`` | report ``s/100`` | raw ``s``."""
     if normalize not in _PICKSCORE_OUTPUT:
         raise ValueError(f"pickscore: normalize must be one of {', '.join(_PICKSCORE_OUTPUT)}, got {normalize!r}")
     root = check_weights_dir("pickscore", resolve_weights_dir(weights_dir, cache_dir=cache_dir))
     model = _hf_clip(root)
-    transform = transform_from_processor_config(root, int(model.config.vision_config.image_size))
+    transform = transform_from_processor_config(root, int(model.config.vision_config.image_size), resample)
     return ClipScorer(
         "pickscore", model, _clip_tokenizer(root), transform, device=device, batch_size=batch_size, dtype=dtype,
         use_logit_scale=True, output=_PICKSCORE_OUTPUT[normalize],
@@ -401,16 +442,23 @@ def build_clip(
     batch_size: int = 16,
     dtype: str = "float32",
     cache_dir: str | Path | None = None,
+    resample: Resampler = "pil",
 ) -> ClipScorer:
     """CLIP score ``cos(i, t)`` (DFN5B-CLIP-ViT-H-14-384): a ``CLIPModel`` dir, or an open_clip dir
-    (``open_clip_config.json`` + ``open_clip_pytorch_model.bin``, converted like HPS)."""
+    (``open_clip_config.json`` + ``open_clip_pytorch_model.bin``, converted like HPS).
+
+    Prompts are cleaned as open_clip does (the reference is open_clip) in both layouts; the image
+    geometry follows the dir's own description (``preprocessor_config.json``: transformers' rules;
+    ``preprocess_cfg`` of ``open_clip_config.json``: open_clip's)."""
     root = check_weights_dir("clip", resolve_weights_dir(weights_dir, cache_dir=cache_dir))
     tokenizer = _clip_tokenizer(root)
     if (root / "config.json").is_file():
         model = _hf_clip(root)
-        transform = transform_from_processor_config(root, int(model.config.vision_config.image_size))
+        transform = transform_from_processor_config(root, int(model.config.vision_config.image_size), resample)
     else:
         arch = read_open_clip_arch(root, VIT_H_14)
         model = load_open_clip_as_hf(root / OPEN_CLIP_WEIGHTS, arch, tokenizer)
-        transform = open_clip_transform(root, arch, default_mode="crop")
-    return ClipScorer("clip", model, tokenizer, transform, device=device, batch_size=batch_size, dtype=dtype)
+        transform = open_clip_transform(root, arch, default_mode="crop", resample=resample)
+    return ClipScorer(
+        "clip", model, tokenizer, transform, device=device, batch_size=batch_size, dtype=dtype, clean_text=open_clip_clean,
+    )

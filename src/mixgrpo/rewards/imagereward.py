@@ -4,7 +4,9 @@
 cut to 35 tokens; every layer: self-attention, cross-attention to all image tokens, feed-forward)
 and the MLP ``768 -> 1024 -> 128 -> 64 -> 16 -> 1`` (linear layers, no activations, as published).
 Reported score: ``(r - 0.16717) / 1.03334`` (``normalize="standard"``); ``"raw"`` gives ``r``.
-Image: shortest side to 224 (bicubic), centre crop, CLIP mean / std.
+Image: as ImageReward's torchvision transform on the 8-bit PIL image: shortest side to 224 (PIL
+bicubic), ``CenterCrop(224)`` (offset ``round(excess / 2)``), CLIP mean / std (see
+:mod:`mixgrpo.rewards.preprocess`; ``resample="torch"`` selects the approximate on-device resize).
 
 The architecture is built here so that the published ``ImageReward.pt`` loads with its own key
 names, strictly:
@@ -39,7 +41,7 @@ from torch import nn
 from mixgrpo.rewards.base import register_reward
 from mixgrpo.rewards.cache import check_weights_dir, resolve_weights_dir
 from mixgrpo.rewards.clip_scorers import resolve_dtype, materialise_position_ids, load_torch_state_dict
-from mixgrpo.rewards.preprocess import ImageTransform, score_in_batches
+from mixgrpo.rewards.preprocess import ImageTransform, Resampler, score_in_batches
 
 CHECKPOINT = "ImageReward.pt"
 MED_CONFIG = "med_config.json"
@@ -261,6 +263,7 @@ class ImageRewardScorer:
         batch_size: int = 16,
         dtype: str = "float32",
         normalize: Literal["standard", "raw"] = "standard",
+        resample: Resampler = "pil",
     ) -> None:
         if normalize not in ("standard", "raw"):
             raise ValueError(f"imagereward: normalize must be 'standard' or 'raw', got {normalize!r}")
@@ -272,7 +275,9 @@ class ImageRewardScorer:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.normalize = normalize
-        self.transform = ImageTransform(size=model.blip.visual_encoder.cfg.image_size, mode="crop")
+        self.transform = ImageTransform(
+            size=model.blip.visual_encoder.cfg.image_size, mode="crop", crop="round", resample=resample,
+        )
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -295,10 +300,11 @@ def build_imagereward(
     dtype: str = "float32",
     normalize: Literal["standard", "raw"] = "standard",
     cache_dir: str | Path | None = None,
+    resample: Resampler = "pil",
 ) -> ImageRewardScorer:
     """ImageReward from ``weights_dir`` (local dir or s3:// / file:// URI of cached weights)."""
     root = check_weights_dir("imagereward", resolve_weights_dir(weights_dir, cache_dir=cache_dir))
     return ImageRewardScorer(
         load_image_reward(root), load_blip_tokenizer(root),
-        device=device, batch_size=batch_size, dtype=dtype, normalize=normalize,
+        device=device, batch_size=batch_size, dtype=dtype, normalize=normalize, resample=resample,
     )

@@ -1,20 +1,35 @@
-"""Image preprocessing shared by the CLIP-family rewards, done in torch on the reward's device.
+"""Image preprocessing shared by the CLIP-family rewards and ImageReward.
 
 Images arrive as float tensors ``(B, 3, H, W)`` in [0, 1]; every reward turns them into
-``(B, 3, S, S)`` normalised with a per-channel mean / std, ``x' = (x - mean) / std``:
+``(B, 3, S, S)`` normalised with a per-channel mean / std. The steps are those of the reference
+implementations, on 8-bit images, so that the preprocessing is bit-identical to theirs:
 
-* ``mode="pad"`` (HPS v2.1, open_clip ``ResizeMaxSize``): the longest side to ``S``, bicubic, the
-  other side ``round(side * S / longest)``; then padded to ``S x S`` with ``pad_value`` (0 = black,
-  before normalisation), ``floor(pad / 2)`` on the left / top and the rest on the right / bottom.
-* ``mode="crop"`` (ImageReward, PickScore, CLIP processors): the shortest side to ``S``, bicubic,
-  the other side ``int(side * S / shortest)``; then a centre crop, offset ``round((side - S) / 2)``.
-* ``mode="squash"``: resized to ``S x S`` ignoring the aspect ratio.
+1. **8 bits**: ``u = round(255 * clamp(x, 0, 1))`` as ``uint8`` (round half to even), what the
+   reference trainer's ``numpy_to_pil`` does before it scores an image.
+2. **Resize** with PIL's ``BICUBIC`` on the 8-bit RGB image (what torchvision's ``Resize`` and
+   transformers' CLIP image processor do to PIL images; PIL rounds and clips to 8 bits between its
+   horizontal and vertical passes). The geometry, by ``mode``:
 
-Bicubic resizing is ``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``, the
-kernel torchvision applies to tensors and the one that mirrors PIL's ``BICUBIC`` (the references
-resize PIL images; the difference is about one grey level of 255). The references that resize
-8-bit PIL images also clip the result to [0, 1] (``clamp=True``); HPS resizes a float tensor and
-does not.
+   * ``"pad"`` (HPS v2.1, open_clip ``ResizeMaxSize``): longest side to ``S``, the other
+     ``round(side * S / longest)``; padded to ``S x S`` with ``pad_value`` (0 = black),
+     ``floor(pad / 2)`` on the left / top and the rest on the right / bottom.
+   * ``"crop"`` (PickScore, ImageReward, CLIP processors): shortest side to ``S``, the other
+     ``int(side * S / shortest)``; then a centre ``S x S`` crop whose offset for an excess ``d``
+     is ``d // 2`` (``crop="floor"``, transformers' ``CLIPImageProcessor``) or
+     ``round(d / 2)`` half to even (``crop="round"``, torchvision's ``CenterCrop``, used by
+     ImageReward and open_clip). The two differ by one pixel when ``d % 4 == 3``.
+   * ``"squash"``: resized to ``S x S`` ignoring the aspect ratio.
+3. **Normalise**: ``(u / 255 - mean) / std`` in float32.
+
+Deviation kept on purpose: HPSv2's ``ResizeMaxSize`` skips the padding when the longest side
+already equals ``S`` and then fails on a non-square input (e.g. 224 x 160); here such an image is
+padded like any other.
+
+``resample="torch"`` is an opt-in on-device approximation: step 2 as
+``torch.nn.functional.interpolate(mode="bicubic", antialias=True)`` on the float image, clipped and
+rounded to 8 bits (same geometry). It is not bit-identical (about one grey level on smooth images,
+more on noise); its measured score error is in the README ("Reward fidelity"). Its speed on a GPU
+has not been measured.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,107 +48,143 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, used by all rewa
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ResizeMode = Literal["pad", "crop", "squash"]
+CropRounding = Literal["floor", "round"]
+Resampler = Literal["pil", "torch"]
 
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """[0, 1] images -> normalised ``(B, 3, size, size)`` model input."""
+    """[0, 1] images -> normalised ``(B, 3, size, size)`` model input (steps in the module doc)."""
 
     size: int  # output side S, pixels
     mode: ResizeMode = "crop"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
-    pad_value: float = 0.0  # fill of the padding in [0, 1] space (mode="pad")
-    clamp: bool = True  # clip resized values to [0, 1], as 8-bit PIL resizing does
+    pad_value: int = 0  # 8-bit fill of the padding (mode="pad")
+    crop: CropRounding = "floor"  # centre-crop offset rule (mode="crop")
+    resample: Resampler = "pil"
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"ImageTransform.size must be >= 1, got {self.size}")
         if self.mode not in ("pad", "crop", "squash"):
             raise ValueError(f"ImageTransform.mode must be 'pad', 'crop' or 'squash', got {self.mode!r}")
+        if self.crop not in ("floor", "round"):
+            raise ValueError(f"ImageTransform.crop must be 'floor' or 'round', got {self.crop!r}")
+        if self.resample not in ("pil", "torch"):
+            raise ValueError(f"resample must be 'pil' (exact, the references' PIL bicubic) or 'torch', got {self.resample!r}")
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"ImageTransform.pad_value is an 8-bit value in 0..255, got {self.pad_value}")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        if self.mode == "pad":
-            x = resize_longest_and_pad(x, self.size, self.pad_value, clamp=self.clamp)
-        elif self.mode == "crop":
-            x = center_crop(resize_shortest(x, self.size, clamp=self.clamp), self.size)
+        return normalize(self.resize_uint8(to_uint8(images)).to(images.device), self.mean, self.std)
+
+    def resize_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
+        """8-bit ``(B, 3, H, W)`` -> 8-bit ``(B, 3, S, S)``: step 2 of the module doc (on the CPU for ``"pil"``)."""
+        h, w = pixels.shape[-2:]
+        plan = plan_geometry(h, w, self.size, self.mode, self.crop)
+        if self.resample == "pil":
+            resized = pil_bicubic(pixels.cpu(), plan.resized)
         else:
-            x = bicubic(x, (self.size, self.size), clamp=self.clamp)
-        return normalize(x, self.mean, self.std)
+            resized = torch_bicubic(pixels, plan.resized)
+        return place(resized, plan, self.pad_value)
 
 
-def bicubic(images: torch.Tensor, size: tuple[int, int], *, clamp: bool) -> torch.Tensor:
-    """Antialiased bicubic resize of ``(B, C, H, W)`` to ``size = (h, w)``; a no-op at equal size."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    out = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
-    return out.clamp(0.0, 1.0) if clamp else out
+@dataclass(frozen=True)
+class Geometry:
+    """Where an ``H x W`` image goes: resized to ``resized = (h, w)``, then either cut to ``S x S``
+    at ``offset = (top, left)`` or (``pad``) placed at ``offset`` in an ``S x S`` canvas."""
+
+    resized: tuple[int, int]
+    offset: tuple[int, int]
+    size: int
+    pad: bool
 
 
-def resize_shortest(images: torch.Tensor, size: int, *, clamp: bool) -> torch.Tensor:
-    """Shortest side to ``size``, the other ``int(other * size / shortest)`` (torchvision ``Resize(int)``)."""
-    h, w = images.shape[-2:]
-    if h <= w:
-        new = (size, int(size * w / h))
-    else:
-        new = (int(size * h / w), size)
-    return bicubic(images, new, clamp=clamp)
+def crop_offset(excess: int, rule: CropRounding) -> int:
+    """Centre-crop start for ``excess = side - S``: ``excess // 2`` (floor) or ``round(excess / 2)`` half to even."""
+    return excess // 2 if rule == "floor" else int(round(excess / 2.0))
 
 
-def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Centre ``size x size`` crop; top = ``round((H - size) / 2)`` like torchvision ``CenterCrop``."""
-    h, w = images.shape[-2:]
-    if h < size or w < size:
-        raise ValueError(f"cannot centre-crop {size}x{size} from a {h}x{w} image; resize it first")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return images[..., top : top + size, left : left + size]
+def plan_geometry(h: int, w: int, size: int, mode: ResizeMode, crop: CropRounding = "floor") -> Geometry:
+    """The resize target and crop / pad offset of an ``h x w`` image (formulas in the module doc)."""
+    if mode == "squash":
+        return Geometry((size, size), (0, 0), size, pad=False)
+    if mode == "pad":
+        scale = size / float(max(h, w))
+        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+        return Geometry((new_h, new_w), ((size - new_h) // 2, (size - new_w) // 2), size, pad=True)
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    return Geometry((new_h, new_w), (crop_offset(new_h - size, crop), crop_offset(new_w - size, crop)), size, pad=False)
 
 
-def resize_longest_and_pad(images: torch.Tensor, size: int, pad_value: float = 0.0, *, clamp: bool = False) -> torch.Tensor:
-    """Longest side to ``size`` (bicubic), then pad to a square (open_clip ``ResizeMaxSize``)."""
-    h, w = images.shape[-2:]
-    scale = size / max(h, w)
-    new_h, new_w = round(h * scale), round(w * scale)
-    x = bicubic(images, (new_h, new_w), clamp=clamp)
-    pad_h, pad_w = size - new_h, size - new_w
-    # F.pad takes (left, right, top, bottom) for the last two dimensions.
-    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=pad_value)
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``round(255 * clamp(x, 0, 1))`` as ``uint8`` (round half to even, like numpy's ``round``)."""
+    return (images.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """``(x - mean) / std`` per channel."""
-    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - m) / s
+def pil_bicubic(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """8-bit ``(B, 3, H, W)`` on the CPU resized to ``size = (h, w)`` by PIL's ``BICUBIC``, image by image."""
+    from PIL import Image
+
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    arrays = pixels.permute(0, 2, 3, 1).contiguous().numpy()
+    resized = [np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BICUBIC)) for a in arrays]
+    return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
 
 
-def transform_from_processor_config(model_dir: str | Path, default_size: int) -> ImageTransform:
-    """The :class:`ImageTransform` a Hugging Face ``preprocessor_config.json`` describes.
+def torch_bicubic(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The on-device approximation of :func:`pil_bicubic`: antialiased float bicubic, rounded and clipped to 8 bits."""
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    out = F.interpolate(pixels.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def place(resized: torch.Tensor, plan: Geometry, pad_value: int = 0) -> torch.Tensor:
+    """Cut (or pad) a resized ``(B, C, h, w)`` batch to ``S x S`` at ``plan.offset``."""
+    (h, w), (top, left), size = plan.resized, plan.offset, plan.size
+    if plan.pad:
+        # F.pad takes (left, right, top, bottom) for the last two dimensions.
+        return F.pad(resized, (left, size - w - left, top, size - h - top), value=pad_value)
+    return resized[..., top : top + size, left : left + size]
+
+
+def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``(u / 255 - mean) / std`` per channel in float32 (torchvision ``ToTensor`` + ``Normalize``)."""
+    x = pixels.float() / 255.0
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def transform_from_processor_config(model_dir: str | Path, default_size: int, resample: Resampler = "pil") -> ImageTransform:
+    """The :class:`ImageTransform` a Hugging Face ``preprocessor_config.json`` describes (transformers' rules).
 
     Reads ``size`` (``shortest_edge`` -> crop; ``height``/``width`` without centre crop ->
-    squash), ``crop_size``, ``image_mean`` and ``image_std`` (``resample`` must be bicubic); a
-    missing file gives the CLIP default (``default_size``, crop, CLIP mean / std).
+    squash), ``crop_size``, ``image_mean`` and ``image_std`` (``resample`` must be bicubic); the
+    crop offset is transformers' ``excess // 2``. A missing file gives the CLIP default
+    (``default_size``, crop, CLIP mean / std).
     """
     path = Path(model_dir) / "preprocessor_config.json"
     if not path.is_file():
-        return ImageTransform(size=default_size)
+        return ImageTransform(size=default_size, resample=resample)
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); restore it from the model's original files") from error
     if cfg.get("resample", 3) != 3:  # PIL.Image.BICUBIC
         raise ValueError(f"{path}: resample {cfg['resample']} is not bicubic (3); only bicubic resizing is implemented")
-    mean = tuple(cfg.get("image_mean", CLIP_MEAN))
-    std = tuple(cfg.get("image_std", CLIP_STD))
+    common = dict(mean=tuple(cfg.get("image_mean", CLIP_MEAN)), std=tuple(cfg.get("image_std", CLIP_STD)), resample=resample)
     size = cfg.get("size", default_size)
     crop = cfg.get("crop_size", size)
     if isinstance(size, dict) and "shortest_edge" in size:
         side = _side(crop, path) if cfg.get("do_center_crop", True) else int(size["shortest_edge"])
-        return ImageTransform(size=side, mode="crop", mean=mean, std=std)  # type: ignore[arg-type]
+        return ImageTransform(size=side, mode="crop", crop="floor", **common)  # type: ignore[arg-type]
     if cfg.get("do_center_crop", False):
-        return ImageTransform(size=_side(crop, path), mode="crop", mean=mean, std=std)  # type: ignore[arg-type]
-    return ImageTransform(size=_side(size, path), mode="squash", mean=mean, std=std)  # type: ignore[arg-type]
+        return ImageTransform(size=_side(crop, path), mode="crop", crop="floor", **common)  # type: ignore[arg-type]
+    return ImageTransform(size=_side(size, path), mode="squash", **common)  # type: ignore[arg-type]
 
 
 def _side(value: int | dict, path: Path) -> int:
