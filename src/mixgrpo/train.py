@@ -631,12 +631,14 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
         update = update_phase(policy, optimizer, batch, advantages, cfg, iteration, world.rank, dev, timer, shard, reference)
         t3, cpu3 = time.perf_counter(), time.process_time()
 
+        all_group_ids = distributed.all_gather_rows(world, batch.group_ids)  # the scores are the whole global batch's
         record = {
             "iteration": iteration + 1,
             "window_start": steps.start, "window_stop": steps.stop,
             "nfe_old": batch.rollout.nfe, "row_evals_old": batch.rollout.row_evals, "nfe_train": update.nfe_train,
             "samples": len(batch.prompts) * world.world_size, "processes": world.world_size,
-            "rewards": {name: {"mean": float(torch.nanmean(v)), "std": float(torch.nan_to_num(v).std())} for name, v in scores.items()},
+            "rewards": {name: {"mean": float(torch.nanmean(v)), "std": float(torch.nan_to_num(v).std()),
+                               "group_std": mean_group_std(v, all_group_ids)} for name, v in scores.items()},
             "advantage": {"mean": float(advantages.mean()), "std": float(advantages.std()), "abs_max": float(advantages.abs().max()),
                           "failed": adv_stats.num_failed, "invalid": adv_stats.num_invalid, "clipped": adv_stats.num_clipped},
             "loss": update.loss, "ratio_mean": update.ratio_mean, "ratio_first_microbatch": update.ratio_first_microbatch,
@@ -693,6 +695,13 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
             publish_dir(final_dir, f"{cfg.checkpoint_uri.rstrip('/')}/final", metadata={"iteration": final_iteration})
     distributed.barrier(world)
     return TrainResult(output_dir, final_iteration, final_dir, held_out_before, held_out_after, time.perf_counter() - t_start)
+
+
+def mean_group_std(values: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Mean over groups of the (unbiased) std of a reward inside its group: the spread GRPO's advantages
+    normalise; near 0 a group carries no signal and its normalised advantages are mostly noise."""
+    stds = [torch.nan_to_num(values[group_ids == g]).std() for g in torch.unique(group_ids)]
+    return float(torch.stack(stds).mean())
 
 
 def build_reference(policy: FlowModel) -> FlowModel:
