@@ -391,8 +391,21 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
         if hashlib.sha256((path / name).read_bytes()).hexdigest() != digest:
             raise RuntimeError(f"checkpoint {path}: {name} does not match its sha256 in MANIFEST.json; "
                                "the checkpoint is corrupt, delete it to resume from the previous one")
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=False)["torch"])
-    return int(manifest["iteration"]), load_file(path / "model.safetensors"), torch.load(path / "optimizer.pt", weights_only=False)
+    torch.set_rng_state(load_tensor_file(path / "rng.pt")["torch"])
+    return int(manifest["iteration"]), load_file(path / "model.safetensors"), load_tensor_file(path / "optimizer.pt")
+
+
+def load_tensor_file(file: Path) -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code from a pickle."""
+    import pickle
+
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise RuntimeError(f"checkpoint file {file} holds objects other than tensors and plain containers "
+                           f"({first_line}); refusing to load it, since unpickling it could run code. Delete this "
+                           "checkpoint (and its copy under checkpoint_uri) and resume from an earlier one") from None
 
 
 def save_final_weights(directory: Path, module: torch.nn.Module, model_state: dict[str, torch.Tensor]) -> None:
