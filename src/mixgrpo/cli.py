@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", default=None, help="output file (default: pipelines/mixgrpo_pipeline.yaml)")
         else:
             p.add_argument("--host", help="KFP API endpoint (default: $KFP_HOST)")
-            p.add_argument("--token", help="bearer token (default: $KFP_TOKEN)")
+            p.add_argument("--token-file", help="file holding the bearer token (default: $KFP_TOKEN)")
+            p.add_argument("--token", help=argparse.SUPPRESS)  # deprecated: the value shows in the process list
             p.add_argument("--namespace", help="Kubeflow profile namespace (default: $KFP_NAMESPACE)")
             p.add_argument("--experiment", default="mixgrpo", help="KFP experiment")
             p.add_argument("--pipeline-name", default="mixgrpo", help="KFP pipeline the version is added to")
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"mixgrpo: config error: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
         print(f"mixgrpo: error: {error}", file=sys.stderr)
         return 2
 

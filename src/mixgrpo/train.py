@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -471,6 +472,10 @@ class MetricsLog:
         if cfg.mlflow_tracking_uri:
             import mlflow
 
+            from mixgrpo.transport import check_secret_transport
+
+            if os.environ.get("MLFLOW_TRACKING_TOKEN") and cfg.mlflow_tracking_uri.startswith("http"):
+                check_secret_transport(cfg.mlflow_tracking_uri, "$MLFLOW_TRACKING_TOKEN")
             mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
             mlflow.set_experiment(cfg.mlflow_experiment)
             self.run = mlflow.start_run(run_name=Path(cfg.output_dir).name)
