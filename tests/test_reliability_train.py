@@ -90,3 +90,152 @@ def test_planted_checkpoint_in_the_store_is_refused_on_resume(tmp_path, tiny_mod
     with pytest.raises(RuntimeError, match="optimizer.pt holds objects other than tensors"):
         train(cfg, resume=True)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- --resume without a checkpoint (item 4)
+
+
+def test_resume_without_checkpoint_says_it_starts_from_scratch(tiny_model_dir, tmp_path, capsys):
+    from mixgrpo.train import train
+
+    train(tiny_config(tiny_model_dir, tmp_path / "run", max_iterations=1, checkpoint_every=0), resume=True)
+    out = capsys.readouterr().out
+    assert f"--resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}; starting from scratch" in out
+
+
+def test_require_checkpoint_fails_when_there_is_none(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "mixgrpo.cli", "train", f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+            "max_iterations=1", "progress_bar=false", "--require-checkpoint"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "--require-checkpoint: no complete checkpoint in" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- reward outage (item 6)
+
+
+class FailingReward:
+    """Scores 1.0, except NaN for the first ``int(fraction * B)`` samples of every batch."""
+
+    def __init__(self, name: str, fraction: float):
+        self.name, self.fraction = name, fraction
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        scores = images.float().mean(dim=(1, 2, 3))
+        scores[: int(self.fraction * len(prompts))] = float("nan")
+        return scores
+
+
+def _register_failing_rewards() -> None:
+    from mixgrpo.rewards.base import _REGISTRY, register_reward
+
+    for name, fraction in (("test_dead_reward", 1.0), ("test_flaky_reward", 0.75), ("test_shaky_reward", 0.25)):
+        if name not in _REGISTRY:
+            register_reward(name)(lambda name=name, fraction=fraction, **_: FailingReward(name, fraction))
+
+
+def test_a_reward_failing_for_every_sample_stops_the_run(tiny_model_dir, tmp_path):
+    from mixgrpo.train import RewardOutageError, train
+
+    _register_failing_rewards()
+    cfg = tiny_config(tiny_model_dir, tmp_path / "dead", **{"rewards.names": ["toy_object_color", "test_dead_reward"]})
+    with pytest.raises(RewardOutageError, match="reward 'test_dead_reward' failed for all 8 samples of iteration 1"):
+        train(cfg)
+    assert not checkpoint_dirs(tmp_path / "dead")               # stopped before the first update was saved
+
+
+def test_a_mostly_failing_reward_stops_after_the_window(tiny_model_dir, tmp_path):
+    from mixgrpo.train import RewardOutageError, train
+
+    _register_failing_rewards()
+    cfg = tiny_config(tiny_model_dir, tmp_path / "flaky", max_iterations=4, checkpoint_every=0,
+                      **{"rewards.names": ["test_flaky_reward"], "rewards.failure_window": 2})
+    with pytest.raises(RewardOutageError, match=r"'test_flaky_reward' failed for 75% of the samples of iterations 1-2"):
+        train(cfg)
+    records = [r for r in read_metrics(tmp_path / "flaky") if "loss" in r]
+    assert [r["iteration"] for r in records] == [1]
+    assert records[0]["advantage"]["failed"]["test_flaky_reward"] == 6        # failures stay counted
+
+
+def test_occasional_failures_below_the_limit_train_on_and_are_counted(tiny_model_dir, tmp_path):
+    from mixgrpo.train import train
+
+    _register_failing_rewards()
+    cfg = tiny_config(tiny_model_dir, tmp_path / "shaky", max_iterations=2, checkpoint_every=0,
+                      **{"rewards.names": ["test_shaky_reward"], "rewards.held_out": []})
+    train(cfg)
+    records = [r for r in read_metrics(tmp_path / "shaky") if "loss" in r]
+    assert [r["advantage"]["failed"]["test_shaky_reward"] for r in records] == [2, 2]
+
+
+# --------------------------------------------------------------------------- kill -9 then --resume: metrics (item 10)
+
+
+def test_resume_after_a_crash_leaves_no_duplicate_metrics(tiny_model_dir, tmp_path):
+    """Iteration 3 was logged, then the process died before checkpoint 3 (and mid-way through a line)."""
+    import shutil
+
+    from mixgrpo.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, run, max_iterations=3, checkpoint_every=2))
+    shutil.rmtree(run / "checkpoints" / "checkpoint-000003")    # the kill came before this checkpoint
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:-1]) + '\n{"iteration": 3, "loss": 0.1, "rew')  # torn line
+    train(tiny_config(tiny_model_dir, run, max_iterations=3, checkpoint_every=2), resume=True)
+    iterations = [r["iteration"] for r in read_metrics(run) if "loss" in r]
+    assert iterations == [1, 2, 3]
+    assert sum(1 for r in read_metrics(run) if r.get("final")) == 1
+
+
+# --------------------------------------------------------------------------- S3 outage while uploading a checkpoint (item 10)
+
+
+def test_s3_outage_during_checkpoint_upload_is_one_error_line(tiny_model_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1", "MIXGRPO_S3_MAX_ATTEMPTS": "2"}
+    env.pop("MLFLOW_S3_ENDPOINT_URL", None)
+    env.pop("AWS_ENDPOINT_URL_S3", None)
+    args = [sys.executable, "-m", "mixgrpo.cli", "train", f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+            "max_iterations=2", "checkpoint_every=1", "progress_bar=false", "prompts_per_iteration=1",
+            "sampling.group_size=2", "sampling.num_steps=6", "window.size=2", "optim.train_batch_size=2",
+            "eval_images_per_prompt=1", "checkpoint_uri=s3://ckpt/run"]
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mixgrpo: error: cannot reach S3 endpoint") and "s3://ckpt/run/checkpoint-000001" in last
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-000001" / "MANIFEST.json").is_file()  # the local copy stays
+
+
+# --------------------------------------------------------------------------- keep_checkpoints in the object store (item 9)
+
+
+@pytest.mark.integration
+def test_keep_checkpoints_prunes_the_store_too(tiny_model_dir, tmp_path, s3_server, monkeypatch):
+    import uuid
+
+    from mixgrpo.storage import latest_complete, open_store
+    from mixgrpo.train import train
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    uri = f"s3://{s3_server.bucket}/keep-{uuid.uuid4().hex[:8]}"
+    train(tiny_config(tiny_model_dir, tmp_path / "run", max_iterations=4, checkpoint_every=1, keep_checkpoints=2,
+                      checkpoint_uri=uri))
+    dirs = sorted({key.split("/")[0] for key in open_store(uri).list()})
+    assert dirs == ["checkpoint-000003", "checkpoint-000004", "final"]
+    assert latest_complete(uri, "checkpoint-").endswith("checkpoint-000004")

@@ -819,3 +819,32 @@ def latest_complete(uri_prefix: str, pattern: str = "checkpoint-", settings: S3S
     if not found:
         return None
     return store.uri_for(f"{pattern}{max(found, key=found.__getitem__)}")  # the name as stored (zero-padded or not)
+
+
+def prune_published(uri_prefix: str, keep: int, pattern: str = "checkpoint-", settings: S3Settings | None = None) -> list[str]:
+    """Delete all but the ``keep`` highest-numbered complete ``{pattern}{N}`` directories; the URIs removed.
+
+    Call it only after the newest directory's manifest is visible (:func:`read_manifest`), so a crash
+    never leaves fewer than one complete directory. Each victim loses its manifest first (it turns
+    incomplete, invisible to :func:`latest_complete`), then its files. Incomplete directories older
+    than the oldest kept one (abandoned uploads) go too; newer incomplete ones may be uploads in flight.
+    """
+    if keep < 1:
+        raise ValueError(f"keep={keep} must be >= 1")
+    store = open_store(uri_prefix, settings)
+    regex = re.compile(rf"({re.escape(pattern)}(\d+))/(.+)")
+    dirs: dict[str, tuple[int, bool]] = {}
+    for key in store.list(pattern):
+        if m := regex.fullmatch(key):
+            number, complete = int(m.group(2)), dirs.get(m.group(1), (0, False))[1] or m.group(3) == MANIFEST_NAME
+            dirs[m.group(1)] = (number, complete)
+    complete = sorted((number, name) for name, (number, done) in dirs.items() if done)
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[-keep][0]
+    victims = sorted(name for name, (number, _) in dirs.items() if number < oldest_kept)
+    for name in victims:
+        store.delete(f"{name}/{MANIFEST_NAME}")
+        store.delete_prefix(f"{name}/")
+        log.info("pruned %s (keeping the newest %d)", store.uri_for(name), keep)
+    return [store.uri_for(name) for name in victims]
