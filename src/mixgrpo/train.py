@@ -452,15 +452,12 @@ def build_rewards(cfg: TrainConfig, names: list[str], device: torch.device) -> d
 
 
 def load_prompts(path: str, split: str) -> list[str]:
-    """Prompts from a text file (one per line), or the toy world's ``split`` ("train" / "test")."""
+    """Prompts from a file read and validated as prepare-prompts reads it (txt / csv / jsonl / parquet,
+    see ``mixgrpo.data.read_training_prompts``), or the toy world's ``split`` ("train" / "test")."""
     if path:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"prompt file {file} does not exist")
-        prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompt file {file} has no non-empty lines")
-        return prompts
+        from mixgrpo.data import read_training_prompts
+
+        return read_training_prompts(path)
     from mixgrpo.toy.world import train_test_split
 
     train, test = train_test_split()
@@ -606,6 +603,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, device: str | None = None,
 def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require_checkpoint: bool = False) -> TrainResult:
     dev, main = world.device, world.is_main
     torch.manual_seed(cfg.seed)
+    train_prompts = load_prompts(cfg.prompts, "train")  # a bad prompt file fails before any model loads
+    eval_prompts = load_prompts(cfg.eval_prompts, "test")
     output_dir = Path(cfg.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -621,8 +620,6 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
     held_out_names = [n for n in cfg.rewards.held_out if n not in cfg.rewards.names]
     all_rewards = {**rewards, **build_rewards(cfg, held_out_names, dev)} if scorer else {}
     reward_names = list(cfg.rewards.names) + held_out_names
-    train_prompts = load_prompts(cfg.prompts, "train")
-    eval_prompts = load_prompts(cfg.eval_prompts, "test")
     window = build_window(cfg)
     sigmas = flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift).to(dev)
     shard = distributed.shard_for(cfg, world)
