@@ -695,6 +695,25 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def verify_local_dir(local_dir: str | os.PathLike[str]) -> Manifest:
+    """Check a local copy of a published directory against its own ``MANIFEST.json`` (sizes, sha256).
+
+    Raises :class:`IntegrityError` naming the first missing, truncated or altered file.
+    """
+    root = Path(local_dir)
+    manifest = Manifest.from_json((root / MANIFEST_NAME).read_bytes(), str(root / MANIFEST_NAME))
+    for entry in manifest.files:
+        path = root / _check_key(entry.path)
+        if not path.is_file():
+            raise IntegrityError(f"{path} is listed in {root / MANIFEST_NAME} but missing: the folder is partial")
+        if path.stat().st_size != entry.size:
+            raise IntegrityError(f"{path}: {path.stat().st_size} bytes, {MANIFEST_NAME} says {entry.size}: "
+                                 "the file is truncated or was modified")
+        if sha256_file(path) != entry.sha256:
+            raise IntegrityError(f"{path}: sha256 does not match {MANIFEST_NAME}: the file is corrupt or was modified")
+    return manifest
+
+
 def publish_dir(
     local_dir: str | os.PathLike[str],
     uri: str,
