@@ -3,14 +3,13 @@ a dead reward, a bad prompt file or a kill -9 do to a run."""
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
+from mixgrpo.toy.model import ToyFlowModel, save_toy_model
 from mixgrpo.train import _seal, checkpoint_dirs, load_checkpoint, save_checkpoint
 from tests.test_train import TINY, read_metrics, tiny_config
 

@@ -17,7 +17,6 @@ the pipeline use the same code against a real server or a local sqlite store.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
@@ -31,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from mixgrpo.transport import is_loopback as _is_loopback
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -55,7 +56,6 @@ TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
 PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,249}")
 _KEY_RE = re.compile(r"[A-Za-z0-9_.\-/ ]{1,250}")
-_LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
 
 
 class RegistryError(RuntimeError):
@@ -138,15 +138,6 @@ class RegistrySettings:
             os.environ[TOKEN_ENV] = self.token  # MLflow's REST client reads credentials from the environment
         with _mlflow_errors(self.tracking_uri, "open the tracking store"):
             return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_reachable(settings: RegistrySettings) -> None:

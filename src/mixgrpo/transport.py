@@ -21,7 +21,7 @@ class InsecureTransportError(ValueError):
 
 def is_loopback(host: str) -> bool:
     """``localhost``, ``127.0.0.0/8`` and ``::1``."""
-    if host.lower() == "localhost":
+    if host.lower() in ("localhost", "localhost.localdomain"):
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
