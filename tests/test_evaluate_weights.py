@@ -9,20 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mixgrpo.evaluate import check_weights_dir
 from mixgrpo.storage import fetch_dir, publish_dir
-from mixgrpo.toy.model import ToyFlowModel, save_toy_model
-from tests.test_train import TINY
+from tests.test_train import tiny_model_dir  # noqa: F401 - the fixture
 
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_toy_model(ToyFlowModel(TINY), tmp_path_factory.mktemp("tiny") / "model")
+def weights_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 def copy(weights_dir: Path, tmp_path: Path) -> Path:

@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixgrpo.toy.model import ToyFlowModel, save_toy_model
 from mixgrpo.train import _seal, checkpoint_dirs, load_checkpoint, save_checkpoint
-from tests.test_train import TINY, read_metrics, tiny_config
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_toy_model(ToyFlowModel(TINY), tmp_path_factory.mktemp("tiny") / "model")
+from tests.test_train import read_metrics, tiny_config, tiny_model_dir  # noqa: F401 - the fixture
 
 
 class WritesMarker:
