@@ -8,8 +8,11 @@
   that name is taken), start a run, print its URL.
 * schedule: the same, but a recurring run (cron).
 
-Host: ``--host`` or ``$KFP_HOST``; token: ``--token`` or ``$KFP_TOKEN`` (else kfp.Client's own
-credential discovery, e.g. in-cluster service-account tokens). Every run uses the ServiceAccount
+Host: ``--host`` or ``$KFP_HOST``; token: ``--token-file`` or ``$KFP_TOKEN`` (else kfp.Client's own
+credential discovery, e.g. in-cluster service-account tokens). ``--token VALUE`` still works but is
+deprecated (the value shows in the process list). A token is only sent over https, or plain http
+to loopback (``mixgrpo.transport``); an unreachable host is a one-line error within
+``CONNECT_TIMEOUT_S``. Every run uses the ServiceAccount
 ``mixgrpo-launcher`` (``--service-account``): the train step creates TrainJobs with it.
 """
 
@@ -56,13 +59,51 @@ def git_sha() -> str:
     return value
 
 
-def client(host: str | None = None, token: str | None = None, namespace: str | None = None) -> Any:
+CONNECT_TIMEOUT_S = 5.0
+
+
+def read_token(token: str | None = None, token_file: str | None = None) -> str | None:
+    """The bearer token: ``--token-file``, else the deprecated ``--token`` value, else ``$KFP_TOKEN``."""
+    if token_file:
+        path = Path(token_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--token-file {path} does not exist")
+        return path.read_text().strip() or None
+    if token:
+        print("mixgrpo: warning: --token is deprecated: its value shows in the process list; "
+              "set $KFP_TOKEN or pass --token-file instead", file=sys.stderr)
+        return token
+    return os.environ.get("KFP_TOKEN") or None
+
+
+def check_reachable(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Open (and close) a TCP connection to ``url``'s host and port; a clear error when nobody answers."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout_s).close()
+    except OSError as error:
+        raise ConnectionError(f"cannot reach the Kubeflow Pipelines API at {url} ({parts.hostname}:{port}: "
+                              f"{error.strerror or error}); check --host / $KFP_HOST and that the API is up "
+                              "(e.g. kubectl port-forward svc/ml-pipeline-ui 8080:80)") from None
+
+
+def client(host: str | None = None, token: str | None = None, namespace: str | None = None,
+           token_file: str | None = None) -> Any:
     import kfp
+
+    from mixgrpo.transport import check_secret_transport
 
     host = host or os.environ.get("KFP_HOST")
     if not host:
         raise ValueError("no Kubeflow Pipelines host: pass --host or set KFP_HOST (e.g. https://kubeflow.example.com/pipeline)")
-    token = token or os.environ.get("KFP_TOKEN") or None
+    token = read_token(token, token_file)
+    if token:
+        check_secret_transport(host if "://" in host else f"http://{host}", "the bearer token")
+    check_reachable(host)
     return kfp.Client(host=host, existing_token=token, namespace=namespace or os.environ.get("KFP_NAMESPACE"))
 
 
@@ -89,7 +130,7 @@ def submit(args: Any, *, recurring: bool = False) -> int:
     sha = args.git_sha or git_sha()
     params = parse_params(list(args.param or []))
     params.setdefault("git_sha", sha)
-    kfp_client = client(args.host, args.token, args.namespace)
+    kfp_client = client(args.host, args.token, args.namespace, getattr(args, "token_file", None))
     with tempfile.TemporaryDirectory(prefix="mixgrpo-compile-") as tmp:
         package = compile_pipeline(Path(tmp) / "mixgrpo_pipeline.yaml", image_tag=args.image_tag or sha,
                                    registry=args.registry or os.environ.get("MIXGRPO_IMAGE_REGISTRY"))

@@ -90,7 +90,8 @@ def test_namespaced_objects_share_one_namespace_and_the_runtime_has_none(overlay
     objs = build(overlay)
     runtime = find(objs, "ClusterTrainingRuntime", launcher.DEFAULT_RUNTIME)
     assert "namespace" not in runtime["metadata"]
-    namespaces = {o["metadata"].get("namespace") for o in objs if o["kind"] != "ClusterTrainingRuntime"}
+    cluster_scoped = {"ClusterTrainingRuntime", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+    namespaces = {o["metadata"].get("namespace") for o in objs if o["kind"] not in cluster_scoped}
     assert len(namespaces) == 1 and None not in namespaces
     binding = find(objs, "RoleBinding", "mixgrpo-launcher")
     assert binding["subjects"][0]["namespace"] == namespaces.pop()
@@ -119,8 +120,8 @@ def test_launcher_role_grants_exactly_what_the_launcher_calls(overlay: str) -> N
     granted = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
                for group in rule["apiGroups"] for resource in rule["resources"]}
     assert granted == {
-        ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "patch", "delete"},
-        ("", "pods"): {"get", "list"},
+        ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "patch", "delete"},
+        ("", "pods"): {"list"},
         ("", "pods/log"): {"get"},
     }
 
@@ -204,3 +205,121 @@ def test_every_image_is_pinned(overlay: str) -> None:
     for image in found:
         name, _, tag = image.rpartition(":")
         assert name and "/" not in tag and tag not in ("", "latest"), f"{image} is not pinned to a tag"
+
+
+# --------------------------------------------------------------------------- hardening (issue 13, item 12)
+
+
+def test_launcher_role_verbs_are_the_calls_the_launcher_makes() -> None:
+    """Every Kubernetes client call in mixgrpo.launcher maps to a granted verb, and nothing more is granted."""
+    import re
+
+    calls = set(re.findall(r"self\.(?:core|custom)\.(\w+)\(", Path(launcher.__file__).read_text()))
+    verb_of = {"create_namespaced_custom_object": ("trainjobs", "create"), "get_namespaced_custom_object": ("trainjobs", "get"),
+               "patch_namespaced_custom_object": ("trainjobs", "patch"), "delete_namespaced_custom_object": ("trainjobs", "delete"),
+               "list_namespaced_pod": ("pods", "list"), "read_namespaced_pod_log": ("pods/log", "get")}
+    assert calls == set(verb_of), f"launcher calls changed: {sorted(calls)}; update rbac.yaml and this map"
+    role = find(build("prod"), "Role", "mixgrpo-launcher")
+    granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert granted == set(verb_of.values())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_reward_server_runs_unprivileged_and_requires_an_api_key(overlay: str) -> None:
+    pod = find(build(overlay), "Deployment", "unified-reward")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for container in pod["containers"] + pod["initContainers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"], container["name"]
+    (vllm,) = pod["containers"]
+    assert "--api-key=$(VLLM_API_KEY)" in vllm["args"]
+    key = next(e for e in vllm["env"] if e["name"] == "VLLM_API_KEY")
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "mixgrpo-unified", "key": "MIXGRPO_UNIFIED_API_KEY"}
+    from mixgrpo.rewards.unified import API_KEY_ENV
+
+    assert key["valueFrom"]["secretKeyRef"]["key"] == API_KEY_ENV      # the client reads the same name
+
+
+def test_unified_secret_template_and_dev_value() -> None:
+    secret = yaml.safe_load((MANIFESTS / "secrets" / "unified.template.yaml").read_text())
+    validate(secret)
+    assert secret["metadata"]["name"] == "mixgrpo-unified" and secret["stringData"] == {"MIXGRPO_UNIFIED_API_KEY": "REPLACE_ME"}
+    dev = {o["metadata"]["name"]: o for o in build("dev") if o["kind"] == "Secret"}
+    assert set(dev["mixgrpo-unified"]["data"]) == {"MIXGRPO_UNIFIED_API_KEY"}
+
+
+def _admits(policy: dict[str, Any], pod_labels: dict[str, str], port: int) -> bool:
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if ports and port not in ports:
+            continue
+        for peer in rule["from"]:
+            wanted = peer["podSelector"]["matchLabels"]
+            if all(pod_labels.get(k) == v for k, v in wanted.items()):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_admits_only_mixgrpo_pods_to_the_reward_server(overlay: str) -> None:
+    objs = build(overlay)
+    policy = find(objs, "NetworkPolicy", "unified-reward")
+    validate(policy)
+    deployment = find(objs, "Deployment", "unified-reward")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    port = find(objs, "Service", "unified-reward")["spec"]["ports"][0]["port"]
+    node_labels = launcher.build_trainjob(launcher.TrainJobSpec(name="t", namespace="n", image="i:1", command=("x",)))[
+        "spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"][
+        "template"]["metadata"]["labels"]
+    assert _admits(policy, node_labels, port)                                   # TrainJob nodes
+    assert _admits(policy, {"pipelines.kubeflow.org/v2_component": "true"}, port)  # KFP step pods (evaluate)
+    assert not _admits(policy, {"app": "anything-else"}, port)
+    assert not _admits(policy, node_labels, port + 1)
+
+
+def test_network_policies_guard_dev_mlflow_and_its_database() -> None:
+    objs = build("dev")
+    mlflow, postgres = find(objs, "NetworkPolicy", "mlflow"), find(objs, "NetworkPolicy", "mlflow-postgres")
+    for policy in (mlflow, postgres):
+        validate(policy)
+    mlflow_labels = find(objs, "Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]
+    assert _admits(mlflow, {"pipelines.kubeflow.org/v2_component": "true"}, 5000)
+    assert _admits(mlflow, {"app.kubernetes.io/managed-by": "mixgrpo-launcher"}, 5000)
+    assert not _admits(mlflow, {"app": "other"}, 5000)
+    assert _admits(postgres, mlflow_labels, 5432) and not _admits(postgres, {"pipelines.kubeflow.org/v2_component": "true"}, 5432)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_trainjob_secret_policy_allows_exactly_the_secrets_mixgrpo_uses(overlay: str) -> None:
+    import re
+
+    objs = build(overlay)
+    policy = find(objs, "ValidatingAdmissionPolicy", "mixgrpo-trainjob-secrets")
+    binding = find(objs, "ValidatingAdmissionPolicyBinding", "mixgrpo-trainjob-secrets")
+    for obj in (policy, binding):
+        validate(obj)
+        assert "namespace" not in obj["metadata"]                                # cluster-scoped
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["apiGroups"] == [launcher.GROUP] and rule["resources"] == [launcher.PLURAL]
+    env_rule = policy["spec"]["validations"][0]["expression"]
+    allowed = set(re.findall(r"'([a-z0-9-]+)'", env_rule.split(" in ", 1)[1]))
+    assert {s.secret for s in launcher.DEFAULT_SECRET_ENV} <= allowed
+    templates = {yaml.safe_load(p.read_text())["metadata"]["name"] for p in (MANIFESTS / "secrets").glob("*.template.yaml")}
+    assert allowed == templates                                                  # every allowed Secret is one mixgrpo defines
+    assert "mixgrpo-launcher" in policy["spec"]["matchConditions"][0]["expression"]
+
+
+def test_retrain_workflow_pins_actions_and_keeps_inputs_out_of_scripts() -> None:
+    import re
+
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "retrain.yml").read_text())
+    steps = [step for job in workflow["jobs"].values() for step in job["steps"]]
+    uses = [step["uses"] for step in steps if "uses" in step]
+    assert uses and all(re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", u) for u in uses), uses
+    for step in steps:
+        script = step.get("run", "")
+        assert "${{" not in script, f"step {step.get('name')!r} splices an expression into its script: pass it through env"

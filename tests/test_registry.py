@@ -263,3 +263,129 @@ def test_embedded_sqlite_store_registers_and_promotes(sqlite_settings: RegistryS
                               artifact_location=sqlite_settings.artifact_location)
     artifact_root = Path(sqlite_settings.artifact_location.removeprefix("file://"))  # type: ignore[union-attr]
     assert list(artifact_root.rglob("plot.png")) and run_id in str(next(artifact_root.rglob("plot.png")))
+
+
+# --------------------------------------------------------------------------- lost responses, dead server (issue 13, item 2)
+
+
+class LossyProxy:
+    """A loopback HTTP proxy in front of an MLflow server. ``on_create(n)`` runs when the n-th (0-based)
+    create-model-version request arrives and returns what to do: "forward", or "drop" (forward it, then
+    close the connection without an answer: the response is lost, the version exists)."""
+
+    def __init__(self, upstream: str, on_create):  # noqa: ANN001
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        target = urlparse(upstream)
+        self.creates = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                action = "forward"
+                if self.path.endswith("/model-versions/create"):
+                    action = on_create(proxy.creates)
+                    proxy.creates += 1
+                try:
+                    upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                    upstream_conn.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream_conn.getresponse()
+                    payload = response.read()
+                except OSError:
+                    action = "drop"  # the server is gone: so is the answer
+                if action == "drop":
+                    self.close_connection = True
+                    return
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _forward  # noqa: N815
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.uri = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def run_versions(client, name: str, run: str) -> list[str]:  # noqa: ANN001
+    return sorted(v.version for v in client.search_model_versions(f"name='{name}' and tags.pipeline_run_id='{run}'"))
+
+
+@pytest.mark.integration
+def test_lost_create_response_gives_one_version_and_a_stable_challenger(mlflow_server: MLflowServer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    proxy = LossyProxy(mlflow_server.uri, lambda n: "drop" if n == 0 else "forward")
+    try:
+        name = unique("lost")
+        version = register(MlflowClient(proxy.uri, proxy.uri), name, "kfp-lost", 0.3)
+        assert proxy.creates >= 1
+        direct = mlflow_server.client()
+        assert run_versions(direct, name, "kfp-lost") == [version.version]          # no duplicate survives
+        assert alias_version(direct, name, CHALLENGER) == version.version
+        again = register(direct, name, "kfp-lost", 0.3)                             # the step is retried
+        assert again.version == version.version and alias_version(direct, name, CHALLENGER) == version.version
+    finally:
+        proxy.close()
+
+
+@pytest.mark.integration
+def test_existing_duplicates_settle_on_the_challenger_without_moving_it(client) -> None:  # noqa: ANN001
+    """What the old code left behind: v1 and v2 of one run, challenger on v2. A retry keeps v2."""
+    name = unique("dup")
+    register(client, name, "kfp-dup", 0.4)
+    source = "s3://mixgrpo-test/runs/kfp-dup/weights"
+    client.create_model_version(name, source, tags={"pipeline_run_id": "kfp-dup", "weights_uri": source})
+    client.set_registered_model_alias(name, CHALLENGER, "2")
+    settled = register(client, name, "kfp-dup", 0.4)
+    assert settled.version == "2" and alias_version(client, name, CHALLENGER) == "2"
+    assert run_versions(client, name, "kfp-dup") == ["2"]
+
+
+@pytest.mark.integration
+def test_mlflow_killed_mid_register_fails_fast_with_a_clear_error(s3_server: S3Endpoint, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(key, raising=False)
+    server = MLflowServer(tmp_path / "mlflow", s3_server, bucket=s3_server.bucket).start()
+
+    def kill_server(n: int) -> str:
+        server.stop()
+        return "forward"
+
+    proxy = LossyProxy(server.uri, kill_server)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RegistryError, match=rf"MLflow at {proxy.uri}: could not create a version of 'dead-"):
+            register(MlflowClient(proxy.uri, proxy.uri), unique("dead"), "kfp-dead", 0.5)
+        elapsed = time.monotonic() - start
+        assert server.process is None and proxy.creates == 3          # 1 try + MLFLOW_HTTP_REQUEST_MAX_RETRIES=2
+        print(f"register against an MLflow server killed mid-register failed after {elapsed:.1f} s")
+        assert elapsed < 45, f"took {elapsed:.0f} s"
+    finally:
+        proxy.close()
+        server.stop()

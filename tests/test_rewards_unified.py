@@ -251,3 +251,45 @@ def test_settings_are_validated_and_the_parser_follows_the_reference() -> None:
     assert parse_alignment("Alignment Score (1-5): 4.25\nCoherence Score (1-5): 2") == 4.25
     assert parse_alignment("Coherence Score (1-5): 2") is None
     assert parse_alignment("Alignment Score (1-5): 7") is None
+
+
+# --------------------------------------------------------------------------- hardening (issue 13)
+
+
+@pytest.mark.parametrize("answer", ["10", "55", "5.5", "6", "100"])
+def test_out_of_range_alignment_scores_are_failures(serve, answer: str) -> None:
+    assert parse_alignment(f"Alignment Score (1-5): {answer}\nCoherence Score (1-5): 2") is None
+    server = serve(lambda n, body: (200, chat_answer(GOOD_ANSWER.format(score=answer)), 0.0))
+    reward = client(server.url)
+    assert torch.isnan(reward(images(1), prompts(1))[0])
+    assert "with X in [0, 5]" in reward.last_results[0].reason and len(server.requests) == 1
+
+
+def test_in_range_edges_are_scores() -> None:
+    assert parse_alignment("Alignment Score (1-5): 5") == 5.0
+    assert parse_alignment("Alignment Score (1-5): 0") == 0.0
+    assert parse_alignment("Alignment Score (1-5): 1.0") == 1.0
+
+
+def test_default_retries_match_the_reference_client(serve) -> None:
+    """3 attempts in all, waiting 2 s then 4 s (the waits are scaled down here through backoff_s)."""
+    defaults = UnifiedSettings(endpoints=("http://127.0.0.1:1",))
+    assert defaults.retries + 1 == 3 and [defaults.delay(1), defaults.delay(2)] == [2.0, 4.0]
+    server = serve(lambda n, body: (503, b"down", 0.0))
+    reward = build_reward("unified", endpoints=server.url, backoff_s=0.01)
+    assert torch.isnan(reward(images(1), prompts(1))[0])
+    assert len(server.requests) == 3 and reward.last_results[0].attempts == 3
+
+
+def test_api_key_is_never_sent_over_plain_http_to_another_host(serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixgrpo.transport import InsecureTransportError
+
+    monkeypatch.setenv("MIXGRPO_UNIFIED_API_KEY", "s3cret")
+    monkeypatch.delenv("MIXGRPO_PLAIN_HTTP_TOKEN_HOSTS", raising=False)
+    with pytest.raises(InsecureTransportError, match=r"refusing to send the UnifiedReward API key .* to http://reward\.example:8000"):
+        build_reward("unified", endpoints="http://127.0.0.1:8000,http://reward.example:8000")
+    assert build_reward("unified", endpoints="https://reward.example:8000").settings.api_key == "s3cret"
+    monkeypatch.setenv("MIXGRPO_PLAIN_HTTP_TOKEN_HOSTS", "unified-reward")     # a named in-cluster Service
+    assert build_reward("unified", endpoints="http://unified-reward:8000").settings.api_key == "s3cret"
+    monkeypatch.delenv("MIXGRPO_UNIFIED_API_KEY")
+    assert build_reward("unified", endpoints="http://reward.example:8000").settings.api_key is None  # no key, no rule

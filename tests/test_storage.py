@@ -520,3 +520,24 @@ def test_200mb_multipart_round_trip_with_bounded_memory(s3_server: S3Endpoint, t
     print(f"\n200 MB multipart ({chunk_mb} MiB parts x {concurrency}): upload {size_mb / result['up_s']:.0f} MB/s, "
           f"download {size_mb / result['down_s']:.0f} MB/s, peak RSS growth {result['rss_growth_mb']:.0f} MB")
     assert result["rss_growth_mb"] < 120, result  # far below the 200 MB file: streamed, not buffered
+
+
+# --------------------------------------------------------------------------- pruning old checkpoints (issue 13, item 9)
+
+
+def test_prune_published_keeps_the_newest_complete(root_uri: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    for n in (1, 2, 3, 4):
+        publish_dir(src, f"{root_uri}/checkpoint-{n:06d}")
+    store = open_store(root_uri)
+    store.put_bytes("checkpoint-000000/model.safetensors", b"abandoned upload, no manifest")
+    store.put_bytes("checkpoint-000005/model.safetensors", b"upload in flight")
+    removed = storage.prune_published(root_uri, keep=2)
+    assert [u.rsplit("/", 1)[-1] for u in removed] == ["checkpoint-000000", "checkpoint-000001", "checkpoint-000002"]
+    left = sorted({key.split("/")[0] for key in store.list()})
+    assert left == ["checkpoint-000003", "checkpoint-000004", "checkpoint-000005"]
+    assert storage.latest_complete(root_uri).endswith("checkpoint-000004")
+    assert storage.prune_published(root_uri, keep=2) == []
+    with pytest.raises(ValueError, match="keep=0"):
+        storage.prune_published(root_uri, keep=0)

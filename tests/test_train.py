@@ -182,9 +182,8 @@ def test_shared_prefix_saves_row_evaluations(tiny_model_dir, tmp_path):
 
 
 def test_unknown_reward_is_a_clear_error(tiny_model_dir, tmp_path):
-    cfg = tiny_config(tiny_model_dir, tmp_path / "bad", **{"rewards.names": ["toy_nope"]})
     with pytest.raises(ValueError, match="unknown reward 'toy_nope'; known rewards: .*toy_object_color"):
-        train(cfg)
+        train(tiny_config(tiny_model_dir, tmp_path / "bad", **{"rewards.names": ["toy_nope"]}))
 
 
 def test_evaluate_writes_metrics_grid_and_report(tiny_model_dir, tmp_path):

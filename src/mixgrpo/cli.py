@@ -16,7 +16,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(cfg))
         return 0
-    result = train(cfg, resume=args.resume, device=args.device)
+    result = train(cfg, resume=args.resume, device=args.device, require_checkpoint=args.require_checkpoint)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"\nfinished {result.iterations} iterations in {result.seconds:.0f} s; weights: {result.final_weights}")
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run MixGRPO training (or a baseline mode)")
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.add_argument("--require-checkpoint", action="store_true",
+                   help="like --resume, but fail when there is no checkpoint instead of starting from scratch")
     p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_cmd_train)
@@ -230,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", default=None, help="output file (default: pipelines/mixgrpo_pipeline.yaml)")
         else:
             p.add_argument("--host", help="KFP API endpoint (default: $KFP_HOST)")
-            p.add_argument("--token", help="bearer token (default: $KFP_TOKEN)")
+            p.add_argument("--token-file", help="file holding the bearer token (default: $KFP_TOKEN)")
+            p.add_argument("--token", help=argparse.SUPPRESS)  # deprecated: the value shows in the process list
             p.add_argument("--namespace", help="Kubeflow profile namespace (default: $KFP_NAMESPACE)")
             p.add_argument("--experiment", default="mixgrpo", help="KFP experiment")
             p.add_argument("--pipeline-name", default="mixgrpo", help="KFP pipeline the version is added to")
@@ -262,9 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"mixgrpo: config error: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
         print(f"mixgrpo: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # storage outages, corrupt checkpoints, reward outages: one line naming the cause
+        from mixgrpo.storage import StorageError
+        from mixgrpo.train import CheckpointError, RewardOutageError
+
+        if not isinstance(error, (StorageError, CheckpointError, RewardOutageError)):
+            raise
+        print(f"mixgrpo: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

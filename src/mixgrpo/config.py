@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,6 +126,12 @@ class RewardConfig:
     """Measured every iteration but never optimised (to spot reward hacking)."""
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Keyword arguments per reward name (e.g. weight directories, endpoints)."""
+    max_failed_fraction: float = 0.5
+    """Stop the run when more than this fraction of an optimised reward's samples failed (NaN) over
+    the last ``failure_window`` iterations, or when every sample of one iteration failed (1 = never
+    stop on a partial outage; a total outage of one iteration always stops)."""
+    failure_window: int = 5
+    """Iterations over which ``max_failed_fraction`` is measured."""
 
 
 @dataclass
@@ -473,9 +480,69 @@ def validate_config(cfg: TrainConfig) -> None:
         (set(cfg.rewards.weights) <= set(cfg.rewards.names),
          f"rewards.weights names {sorted(set(cfg.rewards.weights) - set(cfg.rewards.names))} that are not in rewards.names {cfg.rewards.names}"),
     ]
+    checks += value_range_checks(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_finite(cfg)
+    check_reward_names(cfg)
+
+
+def value_range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message naming the key) for every numeric key with a bounded range."""
+    s, w, o, r, m = cfg.sampling, cfg.window, cfg.optim, cfg.rewards, cfg.model
+    return [
+        (o.max_grad_norm > 0, f"optim.max_grad_norm={o.max_grad_norm} must be > 0 (a negative norm flips the gradient's sign)"),
+        (all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)}: both must be in [0, 1)"),
+        (o.eps > 0, f"optim.eps={o.eps} must be > 0"),
+        (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0"),
+        (o.kl_coeff >= 0, f"optim.kl_coeff={o.kl_coeff} must be >= 0"),
+        (o.clip_range < 1, f"optim.clip_range={o.clip_range} must be < 1 (ratios are clipped to [1-eps, 1+eps])"),
+        (cfg.eval_images_per_prompt >= 1, f"eval_images_per_prompt={cfg.eval_images_per_prompt} must be >= 1"),
+        (cfg.eval_every >= 0, f"eval_every={cfg.eval_every} must be >= 0 (0 = only at the end)"),
+        (s.shift > 0, f"sampling.shift={s.shift} must be > 0"),
+        (w.shift_interval >= 1, f"window.shift_interval={w.shift_interval} must be >= 1 iteration"),
+        (w.stride >= 0, f"window.stride={w.stride} must be >= 0 (0 keeps the window at the first step)"),
+        (w.interval_min >= 1, f"window.interval_min={w.interval_min} must be >= 1 iteration"),
+        (w.interval_max >= w.interval_min, f"window.interval_max={w.interval_max} must be >= window.interval_min={w.interval_min}"),
+        (r.advantage_clip > 0, f"rewards.advantage_clip={r.advantage_clip} must be > 0 (advantages are clamped to +-clip)"),
+        (all(v >= 0 for v in r.weights.values()) and (not r.weights or sum(r.weights.values()) > 0),
+         f"rewards.weights={r.weights}: weights must be >= 0 and not all 0"),
+        (len(set(r.names)) == len(r.names), f"rewards.names={r.names} names a reward twice"),
+        (0 <= r.max_failed_fraction <= 1, f"rewards.max_failed_fraction={r.max_failed_fraction} must be in [0, 1]"),
+        (r.failure_window >= 1, f"rewards.failure_window={r.failure_window} must be >= 1 iteration"),
+        (m.height > 0 and m.height % 16 == 0, f"model.height={m.height} must be a positive multiple of 16"),
+        (m.width > 0 and m.width % 16 == 0, f"model.width={m.width} must be a positive multiple of 16"),
+        (m.max_sequence_length >= 1, f"model.max_sequence_length={m.max_sequence_length} must be >= 1"),
+        (m.lora_rank >= 0, f"model.lora_rank={m.lora_rank} must be >= 0 (0 = full fine-tuning)"),
+        (m.lora_alpha is None or m.lora_alpha > 0, f"model.lora_alpha={m.lora_alpha} must be > 0 (or null = lora_rank)"),
+    ]
+
+
+def check_finite(section: Any, prefix: str = "") -> None:
+    """Every float in the config (nested sections, tuples, dicts) is finite: ``nan``/``inf`` name their key."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, key + ".")
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        for index, item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key}{'' if index is None else f'[{index}]'}={item} must be a finite number")
+
+
+def check_reward_names(cfg: TrainConfig) -> None:
+    """``rewards.names``, ``rewards.held_out`` and the keys of ``rewards.options`` are registered rewards."""
+    from mixgrpo.rewards.base import available_rewards
+
+    known = available_rewards()
+    for key, names in (("rewards.names", cfg.rewards.names), ("rewards.held_out", cfg.rewards.held_out),
+                       ("rewards.options", list(cfg.rewards.options))):
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ConfigError(f"{key}: unknown reward {', '.join(map(repr, unknown))}; known rewards: {', '.join(known)} "
+                              "(see `mixgrpo rewards list`)")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -331,6 +331,63 @@ def _read_parquet(uri: str, data: bytes, column: str | None) -> RawPrompts:
     return RawPrompts(uri, name, "row", list(range(1, len(values) + 1)), values)
 
 
+# --------------------------------------------------------------------------- the trainer's prompt files
+
+
+PREVIEW_CHARS = 80  # characters of a prompt quoted in an error message
+
+
+def clip_text(value: Any, limit: int = PREVIEW_CHARS) -> Any:
+    """A string cut to ``limit`` characters, with its full length when cut (reports and errors); else ``value``."""
+    if not isinstance(value, str) or len(value) <= limit:
+        return value
+    return f"{value[:limit]}... ({len(value)} characters)"
+
+
+def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
+    """``repr`` of at most ``limit`` characters of ``text`` (with the full length when cut)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def read_training_prompts(uri: str, settings: PrepareSettings = PrepareSettings()) -> list[str]:
+    """The prompts of a training / evaluation file (``prompts=`` / ``eval_prompts=``), validated up front.
+
+    Read exactly as :func:`prepare_prompts` reads (:func:`read_prompts`: txt / csv / tsv / jsonl / json /
+    parquet by suffix, UTF-8, the prompt column), whitespace folded by :func:`normalize_prompt`. Blank
+    lines are skipped, duplicates are dropped (the first kept) and reported; a prompt with control
+    characters or longer than ``settings.max_chars`` is a :class:`DataError` naming ``file:line`` (quoting
+    at most :data:`PREVIEW_CHARS` characters), so a bad file fails before training starts.
+    """
+    raw = read_prompts(uri, settings)
+    prompts: list[str] = []
+    first_seen: dict[str, int] = {}
+    duplicates: list[tuple[int, int]] = []
+    for location, value in zip(raw.locations, raw.values):
+        text = normalize_prompt(value)
+        where = f"{uri}:{location}" if raw.unit == "line" else f"{uri} {raw.unit} {location}"
+        if not text:
+            continue
+        if (bad := CONTROL_RE.search(text)) is not None:
+            raise DataError(f"{where}: prompt has a control character {bad.group()!r} at column {bad.start() + 1}: "
+                            f"{preview(text)}; the file is corrupt or binary: fix or remove the line")
+        if len(text) > settings.max_chars:
+            raise DataError(f"{where}: prompt of {len(text)} characters is longer than {settings.max_chars}: "
+                            f"{preview(text)}; shorten it or remove the line")
+        if text in first_seen:
+            duplicates.append((location, first_seen[text]))
+            continue
+        first_seen[text] = location
+        prompts.append(text)
+    if not prompts:
+        raise DataError(f"prompt file {uri} has no prompts in column {raw.column!r}")
+    if duplicates:
+        shown = ", ".join(f"{raw.unit} {a} = {raw.unit} {b}" for a, b in duplicates[:5])
+        message = f"prompt file {uri}: dropped {len(duplicates)} duplicate prompt(s) ({shown}{', ...' if len(duplicates) > 5 else ''})"
+        log.warning(message)
+        print(f"mixgrpo: warning: {message}")
+    return prompts
+
+
 # --------------------------------------------------------------------------- cleaning
 
 
@@ -375,7 +432,7 @@ def clean_prompts(raw: RawPrompts, settings: PrepareSettings) -> Cleaned:
             continue
         dropped[reason] += 1
         if len(examples[reason]) < settings.max_examples and not (reason == "empty" and raw.unit == "line"):
-            example = {"location": location, "value": text}
+            example = {"location": location, "value": clip_text(text)}
             if reason == "duplicate":
                 example["first"] = first_seen[text]
             examples[reason].append(example)
@@ -537,7 +594,7 @@ def _outcome(kind: str, checks: str, success: bool, result: dict[str, Any], sett
              ) -> ExpectationOutcome:
     if "observed_value" in result:
         return ExpectationOutcome(kind, checks, bool(success), int(result["observed_value"]), [])
-    examples = [{"location": int(item["location"]), "value": _plain(item.get("prompt"))}
+    examples = [{"location": int(item["location"]), "value": clip_text(_plain(item.get("prompt")))}
                 for item in (result.get("partial_unexpected_index_list") or [])[: settings.max_examples]]
     return ExpectationOutcome(kind, checks, bool(success), int(result.get("unexpected_count") or 0), examples)
 
@@ -734,5 +791,5 @@ __all__ = [
     "DataError", "PromptValidationError", "PrepareSettings", "PreparedPrompts", "RawPrompts", "Cleaned",
     "ExpectationOutcome", "ValidationReport", "read_prompts", "clean_prompts", "normalize_prompt",
     "validate_prompts", "split_prompts", "write_embeddings", "dataset_hash", "prepare_prompts",
-    "load_prepared_prompts", "load_prepared_embeddings"
+    "load_prepared_prompts", "load_prepared_embeddings", "read_training_prompts"
 ]

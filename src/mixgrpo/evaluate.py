@@ -52,6 +52,7 @@ class EvalResult:
 def load_tuned_policy(cfg: TrainConfig, tuned_dir: str | Path, device: torch.device) -> FlowModel:
     """The base adapter of ``cfg`` with the tuned weights of ``tuned_dir`` (full transformer or LoRA)."""
     tuned_dir = Path(tuned_dir)
+    check_weights_dir(tuned_dir)
     policy = build_policy(cfg, device)
     if hasattr(policy, "load_tuned"):  # adapters that know their own formats (FLUX: transformer/ or LoRA)
         policy.load_tuned(tuned_dir)
@@ -63,6 +64,48 @@ def load_tuned_policy(cfg: TrainConfig, tuned_dir: str | Path, device: torch.dev
         policy.module = type(policy.module).from_pretrained(transformer_dir).to(device)
     policy.module.eval()
     return policy
+
+
+WEIGHTS_FIX = ("copy the complete OUTPUT_DIR/final folder again, or fetch CHECKPOINT_URI/final "
+               "(mixgrpo.storage.fetch_dir verifies every file), or re-run training")
+
+
+def check_weights_dir(directory: Path) -> None:
+    """Fail with the file and the fix, before any model loads, when a tuned-weights folder is unusable.
+
+    With a ``MANIFEST.json`` (a folder fetched from the store) every listed file is checked (size,
+    sha256); then every ``*.json`` must parse, every ``*.safetensors`` header and length must be
+    whole, and each folder with a ``config.json`` must hold its weights (``*.safetensors`` or a
+    sharded index), or the folder a LoRA file.
+    """
+    from safetensors import safe_open
+
+    from mixgrpo.storage import MANIFEST_NAME, StorageError, verify_local_dir
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tuned weights folder {directory} does not exist (no config.json to load): "
+                                "pass OUTPUT_DIR/final of a training run")
+    if (directory / MANIFEST_NAME).is_file():
+        try:
+            verify_local_dir(directory)
+        except StorageError as error:
+            raise ValueError(f"tuned weights: {error}; {WEIGHTS_FIX}") from None
+    for file in sorted(directory.rglob("*.json")):
+        try:
+            json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"tuned weights file {file} is not valid JSON ({error}); {WEIGHTS_FIX}") from None
+    for file in sorted(directory.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"tuned weights file {file} is not a complete safetensors file ({error}); {WEIGHTS_FIX}") from None
+    for config in sorted(directory.rglob("config.json")):
+        folder = config.parent
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
+            raise FileNotFoundError(f"tuned weights folder {folder} has config.json but no *.safetensors weights "
+                                    f"(expected diffusion_pytorch_model.safetensors): the folder is partial; {WEIGHTS_FIX}")
 
 
 @torch.no_grad()

@@ -282,6 +282,9 @@ def build_config(overrides: Mapping[str, Any]):  # noqa: ANN201 - TrainConfig
     """The validated TrainConfig of the overrides (unknown rewards are an error naming them)."""
     from mixgrpo.config import load_config
 
+    for key, what in (("rewards.names", "rewards"), ("rewards.held_out", "held_out_rewards")):
+        if isinstance(overrides.get(key), (list, tuple)):  # the step's own error, before load_config's
+            check_rewards(list(overrides[key]), what)
     cfg = load_config(overrides=dict(overrides))
     check_rewards(list(cfg.rewards.names), "rewards")
     check_rewards(list(cfg.rewards.held_out), "held_out_rewards")

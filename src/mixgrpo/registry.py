@@ -17,7 +17,6 @@ the pipeline use the same code against a real server or a local sqlite store.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
@@ -31,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from mixgrpo.transport import is_loopback as _is_loopback
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -55,11 +56,32 @@ TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
 PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,249}")
 _KEY_RE = re.compile(r"[A-Za-z0-9_.\-/ ]{1,250}")
-_LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
 
 
 class RegistryError(RuntimeError):
     """A registry operation failed; the message names the tracking URI, model and version."""
+
+
+# MLflow's HTTP client retries 7 times with 2 s-doubling backoff and a 120 s timeout (minutes when the
+# server dies mid-request); a pipeline step uses these bounds instead: ~3 tries within ~30 s at most.
+MLFLOW_HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "8",
+}
+
+
+@contextmanager
+def bounded_mlflow_http() -> Iterator[None]:
+    """Apply :data:`MLFLOW_HTTP_LIMITS` for the duration (values already set in the environment win)."""
+    added = {k: v for k, v in MLFLOW_HTTP_LIMITS.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 # --------------------------------------------------------------------------- settings and connection
@@ -116,15 +138,6 @@ class RegistrySettings:
             os.environ[TOKEN_ENV] = self.token  # MLflow's REST client reads credentials from the environment
         with _mlflow_errors(self.tracking_uri, "open the tracking store"):
             return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_reachable(settings: RegistrySettings) -> None:
@@ -234,6 +247,15 @@ def register_model(
     alias re-applied) and nothing is created. Inputs are checked and the registry is searched
     before anything is written, so a failure leaves nothing half-registered.
     """
+    with bounded_mlflow_http():
+        return _register_model(client, name, weights_uri, pipeline_run_id=pipeline_run_id, git_sha=git_sha,
+                               config_hash=config_hash, dataset_hash=dataset_hash, metrics=metrics, tags=tags,
+                               mlflow_run_id=mlflow_run_id, description=description)
+
+
+def _register_model(client: MlflowClient, name: str, weights_uri: str, *, pipeline_run_id: str, git_sha: str,
+                    config_hash: str, dataset_hash: str, metrics: Mapping[str, float] | None,
+                    tags: Mapping[str, str] | None, mlflow_run_id: str | None, description: str | None) -> ModelVersion:
     _check_id(pipeline_run_id)
     _check_weights_uri(weights_uri)
     all_tags = version_tags(pipeline_run_id=pipeline_run_id, weights_uri=weights_uri, git_sha=git_sha,
@@ -251,13 +273,47 @@ def register_model(
         version = existing
     else:
         _ensure_registered_model(client, name)
-        with _mlflow_errors(where, f"create a version of {name!r} from {weights_uri}"):
-            version = client.create_model_version(name, weights_uri, run_id=mlflow_run_id, tags=all_tags,
-                                                  description=description, await_creation_for=60)
+        try:
+            with _mlflow_errors(where, f"create a version of {name!r} from {weights_uri}"):
+                version = client.create_model_version(name, weights_uri, run_id=mlflow_run_id, tags=all_tags,
+                                                      description=description, await_creation_for=60)
+        except RegistryError as error:  # the response may be lost after the server created the version
+            try:
+                version = find_version(client, name, pipeline_run_id)
+            except RegistryError:
+                version = None
+            if version is None:
+                raise error from error.__cause__
+            log.warning("creating a version of %s failed (%s), but pipeline run %s's version %s exists: using it",
+                        name, error, pipeline_run_id, version.version)
         log.info("registered %s version %s from %s", name, version.version, weights_uri)
+    version = settle_duplicates(client, name, pipeline_run_id)
     with _mlflow_errors(where, f"set alias {CHALLENGER!r} on {name} version {version.version}"):
         client.set_registered_model_alias(name, CHALLENGER, str(version.version))
         return client.get_model_version(name, str(version.version))
+
+
+def settle_duplicates(client: MlflowClient, name: str, pipeline_run_id: str) -> ModelVersion:
+    """The one version of pipeline run ``pipeline_run_id``; any other with its tag is deleted.
+
+    A lost create-model-version response makes MLflow's client send the POST again, so one run
+    can own several versions. The one kept is the version ``challenger`` already points to when
+    it is among them (a retry never moves the alias), else the oldest.
+    """
+    with _mlflow_errors(_where(client), f"search versions of {name!r}"):
+        found = client.search_model_versions(f"name='{name}' and tags.{TAG_PIPELINE_RUN}='{pipeline_run_id}'")
+    if not found:
+        raise RegistryError(f"MLflow at {_where(client)}: no version of {name} is tagged {TAG_PIPELINE_RUN}="
+                            f"{pipeline_run_id} after creating one; check the registry")
+    current = alias_version(client, name, CHALLENGER)
+    keep = next((v for v in found if str(v.version) == current), None) or min(found, key=lambda v: int(v.version))
+    for duplicate in found:
+        if str(duplicate.version) != str(keep.version):
+            with _mlflow_errors(_where(client), f"delete duplicate {name} version {duplicate.version}"):
+                client.delete_model_version(name, str(duplicate.version))
+            log.warning("deleted %s version %s: a duplicate of version %s for pipeline run %s (a retried request)",
+                        name, duplicate.version, keep.version, pipeline_run_id)
+    return keep
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -363,7 +419,11 @@ def promote(client: MlflowClient, name: str, version: str | int, decision: Promo
     ``version`` is already champion the tags are completed and nothing moves. Refuses when the
     decision is negative, is about another version, or the champion moved since it was made.
     """
-    version = str(version)
+    with bounded_mlflow_http():
+        return _promote(client, name, str(version), decision)
+
+
+def _promote(client: MlflowClient, name: str, version: str, decision: PromotionDecision) -> ModelVersion:
     where = _where(client)
     if not decision.promote:
         raise RegistryError(f"not promoting {name} version {version}: the gate decided against it ({decision.reason})")
@@ -455,6 +515,6 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
 
 __all__ = [
     "RegistryError", "RegistrySettings", "PromotionDecision", "check_reachable", "version_tags", "find_version",
-    "register_model", "alias_version", "metric_of", "decide_promotion", "promote", "log_training_run",
+    "register_model", "settle_duplicates", "bounded_mlflow_http", "alias_version", "metric_of", "decide_promotion", "promote", "log_training_run",
     "DEFAULT_MODEL_NAME", "DEFAULT_GATE_METRIC", "CHALLENGER", "CHAMPION",
 ]

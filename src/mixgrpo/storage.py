@@ -695,6 +695,25 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def verify_local_dir(local_dir: str | os.PathLike[str]) -> Manifest:
+    """Check a local copy of a published directory against its own ``MANIFEST.json`` (sizes, sha256).
+
+    Raises :class:`IntegrityError` naming the first missing, truncated or altered file.
+    """
+    root = Path(local_dir)
+    manifest = Manifest.from_json((root / MANIFEST_NAME).read_bytes(), str(root / MANIFEST_NAME))
+    for entry in manifest.files:
+        path = root / _check_key(entry.path)
+        if not path.is_file():
+            raise IntegrityError(f"{path} is listed in {root / MANIFEST_NAME} but missing: the folder is partial")
+        if path.stat().st_size != entry.size:
+            raise IntegrityError(f"{path}: {path.stat().st_size} bytes, {MANIFEST_NAME} says {entry.size}: "
+                                 "the file is truncated or was modified")
+        if sha256_file(path) != entry.sha256:
+            raise IntegrityError(f"{path}: sha256 does not match {MANIFEST_NAME}: the file is corrupt or was modified")
+    return manifest
+
+
 def publish_dir(
     local_dir: str | os.PathLike[str],
     uri: str,
@@ -819,3 +838,32 @@ def latest_complete(uri_prefix: str, pattern: str = "checkpoint-", settings: S3S
     if not found:
         return None
     return store.uri_for(f"{pattern}{max(found, key=found.__getitem__)}")  # the name as stored (zero-padded or not)
+
+
+def prune_published(uri_prefix: str, keep: int, pattern: str = "checkpoint-", settings: S3Settings | None = None) -> list[str]:
+    """Delete all but the ``keep`` highest-numbered complete ``{pattern}{N}`` directories; the URIs removed.
+
+    Call it only after the newest directory's manifest is visible (:func:`read_manifest`), so a crash
+    never leaves fewer than one complete directory. Each victim loses its manifest first (it turns
+    incomplete, invisible to :func:`latest_complete`), then its files. Incomplete directories older
+    than the oldest kept one (abandoned uploads) go too; newer incomplete ones may be uploads in flight.
+    """
+    if keep < 1:
+        raise ValueError(f"keep={keep} must be >= 1")
+    store = open_store(uri_prefix, settings)
+    regex = re.compile(rf"({re.escape(pattern)}(\d+))/(.+)")
+    dirs: dict[str, tuple[int, bool]] = {}
+    for key in store.list(pattern):
+        if m := regex.fullmatch(key):
+            number, complete = int(m.group(2)), dirs.get(m.group(1), (0, False))[1] or m.group(3) == MANIFEST_NAME
+            dirs[m.group(1)] = (number, complete)
+    complete = sorted((number, name) for name, (number, done) in dirs.items() if done)
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[-keep][0]
+    victims = sorted(name for name, (number, _) in dirs.items() if number < oldest_kept)
+    for name in victims:
+        store.delete(f"{name}/{MANIFEST_NAME}")
+        store.delete_prefix(f"{name}/")
+        log.info("pruned %s (keeping the newest %d)", store.uri_for(name), keep)
+    return [store.uri_for(name) for name in victims]

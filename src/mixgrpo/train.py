@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -399,9 +400,12 @@ def save_checkpoint(output_dir: Path, iteration: int, model_state: dict[str, tor
     (tmp / "trainer_state.json").write_text(json.dumps({"iteration": iteration}))
     _seal(tmp, final, iteration)
     if cfg.checkpoint_uri:
-        from mixgrpo.storage import publish_dir
+        from mixgrpo.storage import prune_published, publish_dir, read_manifest
 
-        publish_dir(final, f"{cfg.checkpoint_uri.rstrip('/')}/{final.name}", metadata={"iteration": iteration})
+        uri = f"{cfg.checkpoint_uri.rstrip('/')}/{final.name}"
+        publish_dir(final, uri, metadata={"iteration": iteration})
+        read_manifest(uri)  # the new checkpoint is visible in the store before older ones go
+        prune_published(cfg.checkpoint_uri.rstrip("/"), cfg.keep_checkpoints, CHECKPOINT_PREFIX)
     for old in checkpoint_dirs(output_dir)[:-cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -428,15 +432,32 @@ def latest_checkpoint(output_dir: Path, checkpoint_uri: str = "") -> Path | None
     return final
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint is corrupt or holds something other than tensors; the message names the file."""
+
+
 def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Check the manifest, restore the RNG; return (next iteration, model state, optimiser state)."""
     manifest = json.loads((path / "MANIFEST.json").read_text())
     for name, digest in manifest["sha256"].items():
         if hashlib.sha256((path / name).read_bytes()).hexdigest() != digest:
-            raise RuntimeError(f"checkpoint {path}: {name} does not match its sha256 in MANIFEST.json; "
+            raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in MANIFEST.json; "
                                "the checkpoint is corrupt, delete it to resume from the previous one")
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=False)["torch"])
-    return int(manifest["iteration"]), load_file(path / "model.safetensors"), torch.load(path / "optimizer.pt", weights_only=False)
+    torch.set_rng_state(load_tensor_file(path / "rng.pt")["torch"])
+    return int(manifest["iteration"]), load_file(path / "model.safetensors"), load_tensor_file(path / "optimizer.pt")
+
+
+def load_tensor_file(file: Path) -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code from a pickle."""
+    import pickle
+
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint file {file} holds objects other than tensors and plain containers "
+                           f"({first_line}); refusing to load it, since unpickling it could run code. Delete this "
+                           "checkpoint (and its copy under checkpoint_uri) and resume from an earlier one") from None
 
 
 def save_final_weights(directory: Path, module: torch.nn.Module, model_state: dict[str, torch.Tensor]) -> None:
@@ -475,19 +496,73 @@ def build_rewards(cfg: TrainConfig, names: list[str], device: torch.device) -> d
 
 
 def load_prompts(path: str, split: str) -> list[str]:
-    """Prompts from a text file (one per line), or the toy world's ``split`` ("train" / "validation" / "test")."""
+    """Prompts from a file read and validated as prepare-prompts reads it (txt / csv / jsonl / parquet,
+    see ``mixgrpo.data.read_training_prompts``), or the toy world's ``split`` ("train" / "validation" / "test")."""
     if path:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"prompt file {file} does not exist")
-        prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompt file {file} has no non-empty lines")
-        return prompts
+        from mixgrpo.data import read_training_prompts
+
+        return read_training_prompts(path)
     from mixgrpo.toy.world import train_validation_test_split
 
     train, validation, test = train_validation_test_split()
     return list({"train": train, "validation": validation, "test": test}[split])
+
+
+# --------------------------------------------------------------------------- faults: missing checkpoint, reward outage, duplicate metrics
+
+
+def no_checkpoint(output_dir: Path, checkpoint_uri: str, required: bool, main: bool) -> None:
+    """``--resume`` found nothing: an error with ``--require-checkpoint``, else a clear notice."""
+    where = f"{output_dir / 'checkpoints'}" + (f" or under {checkpoint_uri}" if checkpoint_uri else "")
+    if required:
+        raise FileNotFoundError(f"--require-checkpoint: no complete checkpoint in {where}; check output_dir / "
+                                "checkpoint_uri, or drop --require-checkpoint to start from scratch")
+    if main:
+        print(f"--resume: no complete checkpoint in {where}; starting from scratch at iteration 0")
+
+
+class RewardOutageError(RuntimeError):
+    """An optimised reward failed (NaN) for too many samples: the run would train on nothing."""
+
+
+@dataclass
+class RewardFailureGuard:
+    """Stops the run when an optimised reward fails for every sample of one iteration, or for more than
+    ``max_fraction`` of its samples over the last ``window`` iterations (``sum(failed) / sum(samples)``)."""
+
+    max_fraction: float
+    window: int
+    history: list[tuple[dict[str, int], int]] = field(default_factory=list)
+
+    def check(self, iteration: int, failed: dict[str, int], samples: int) -> None:
+        self.history = (self.history + [(dict(failed), samples)])[-self.window:]
+        for name, count in failed.items():
+            if samples and count >= samples:
+                raise RewardOutageError(
+                    f"reward {name!r} failed for all {samples} samples of iteration {iteration} (NaN: the reward "
+                    "server or model is down or answers nonsense; see the warnings above). Fix it, then rerun with --resume")
+            total = sum(n for _, n in self.history)
+            fraction = sum(f.get(name, 0) for f, _ in self.history) / max(total, 1)
+            if len(self.history) == self.window and fraction > self.max_fraction:
+                raise RewardOutageError(
+                    f"reward {name!r} failed for {fraction:.0%} of the samples of iterations {iteration - self.window + 1}-"
+                    f"{iteration} (more than rewards.max_failed_fraction={self.max_fraction}). Fix the reward, "
+                    "then rerun with --resume (or raise rewards.max_failed_fraction)")
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop the records past ``iteration`` (logged before a crash, about to be logged again) and a torn last line."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(record.get("iteration", 0)) <= iteration:
+            kept.append(line)
+    path.write_text("".join(f"{line}\n" for line in kept))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -502,6 +577,10 @@ class MetricsLog:
         if cfg.mlflow_tracking_uri:
             import mlflow
 
+            from mixgrpo.transport import check_secret_transport
+
+            if os.environ.get("MLFLOW_TRACKING_TOKEN") and cfg.mlflow_tracking_uri.startswith("http"):
+                check_secret_transport(cfg.mlflow_tracking_uri, "$MLFLOW_TRACKING_TOKEN")
             mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
             mlflow.set_experiment(cfg.mlflow_experiment)
             self.run = mlflow.start_run(run_name=Path(cfg.output_dir).name)
@@ -548,24 +627,29 @@ def iterations_bar(start: int, stop: int, enabled: bool) -> Iterator[int]:
     return iter(tqdm(range(start, stop), initial=start, total=stop, desc="mixgrpo", unit="it", dynamic_ncols=True))
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, device: str | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, device: str | None = None,
+          require_checkpoint: bool = False) -> TrainResult:
     """Run MixGRPO (or a baseline mode) for ``cfg.max_iterations`` iterations, in this process's share.
 
     Under torchrun every rank runs this function: it rolls out its shard of the global batch,
     rewards are gathered so each group is normalised over all its samples, gradients are averaged
-    by the engine, and rank 0 logs, writes checkpoints and the final weights.
+    by the engine, and rank 0 logs, writes checkpoints and the final weights. ``resume`` with no
+    checkpoint says so and starts from scratch; ``require_checkpoint`` makes that an error instead.
     """
     t_start = time.perf_counter()
     world = distributed.setup(cfg, device)
     try:
-        return _train(cfg, world, resume, t_start)
+        return _train(cfg, world, resume or require_checkpoint, t_start, require_checkpoint)
     finally:
         distributed.teardown(world)
 
 
-def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> TrainResult:
+def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require_checkpoint: bool = False) -> TrainResult:
     dev, main = world.device, world.is_main
     torch.manual_seed(cfg.seed)
+    train_prompts = load_prompts(cfg.prompts, "train")  # a bad prompt file fails before any model loads
+    eval_prompts = load_prompts(cfg.eval_prompts, "test")
+    validation_prompts = load_prompts(cfg.validation_prompts, "validation") if cfg.select_best else []
     output_dir = Path(cfg.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -582,9 +666,6 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
     held_out_names = [n for n in cfg.rewards.held_out if n not in cfg.rewards.names]
     all_rewards = {**rewards, **build_rewards(cfg, held_out_names, dev)} if scorer else {}
     reward_names = list(cfg.rewards.names) + held_out_names
-    train_prompts = load_prompts(cfg.prompts, "train")
-    eval_prompts = load_prompts(cfg.eval_prompts, "test")
-    validation_prompts = load_prompts(cfg.validation_prompts, "validation") if cfg.select_best else []
     tracker = BestTracker(list(cfg.rewards.names), held_out_names, cfg.selection_min_diversity,
                           cfg.selection_tolerance, cfg.early_stop_patience)
     window = build_window(cfg)
@@ -593,12 +674,16 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
 
     start_iteration = 0
     checkpoint = latest_checkpoint(output_dir, cfg.checkpoint_uri) if resume and main else None
-    if distributed.broadcast_object(world, checkpoint is not None):
+    found = distributed.broadcast_object(world, checkpoint is not None)
+    if resume and not found:
+        no_checkpoint(output_dir, cfg.checkpoint_uri, require_checkpoint, main)
+    if found:
         start_iteration, model_state, optimizer_state = load_checkpoint(checkpoint) if main else (0, {}, {})
         distributed.load_full_states(world, policy.module, optimizer, model_state, optimizer_state)
         start_iteration = distributed.broadcast_object(world, start_iteration)
         if main:
             print(f"resumed from {checkpoint} at iteration {start_iteration}")
+            truncate_metrics(output_dir / "metrics.jsonl", start_iteration)
     elif not resume and main:
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     log = MetricsLog(output_dir / "metrics.jsonl", cfg) if main else None
@@ -613,6 +698,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
         log.log({"iteration": 0, "held_out": held_out_before,
                  **({"validation": tracker.history[-1]} if cfg.select_best and tracker.history else {})})
 
+    failure_guard = RewardFailureGuard(cfg.rewards.max_failed_fraction, cfg.rewards.failure_window)
     for iteration in iterations_bar(start_iteration, cfg.max_iterations, cfg.progress_bar and main):
         timer = SectionTimer(dev)
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -627,6 +713,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
         advantages, adv_stats, scores = distributed.gather_group_advantages(
             world, scores, batch.group_ids, optimised=cfg.rewards.names, weights=cfg.rewards.weights or None,
             mix=cfg.rewards.mix, clip=cfg.rewards.advantage_clip, on_failure=cfg.rewards.on_failure)
+        failure_guard.check(iteration + 1, adv_stats.num_failed, len(batch.prompts) * world.world_size)
         t2 = time.perf_counter()
         update = update_phase(policy, optimizer, batch, advantages, cfg, iteration, world.rank, dev, timer, shard, reference)
         t3, cpu3 = time.perf_counter(), time.process_time()

@@ -9,12 +9,14 @@ Failures are visible, never a silent 0: a sample whose request fails after all r
 whose answer has no Alignment score, scores NaN; the reason is logged (WARNING) and kept in
 :attr:`UnifiedRewardClient.last_results`. Transient errors (connection refused / reset,
 timeouts, HTTP 408 / 429 / 5xx, a body that is not JSON) are retried up to ``retries`` times
-with exponential backoff, each try on the next endpoint (round-robin over all of them, so one
-dead server only costs a retry). Other HTTP errors (400: wrong model name, ...) and unparseable
+with exponential backoff (default: 3 attempts in all, waiting 2 s and 4 s, as the reference
+client), each try on the next endpoint (round-robin over all of them, so one dead server only
+costs a retry). Other HTTP errors (400: wrong model name, ...) and unparseable
 answers are not retried. At most ``concurrency`` requests are in flight per call.
 
 Serve the model with vLLM (``vllm serve CodeGoat24/UnifiedReward-qwen-7b --served-model-name UnifiedReward``);
-an API key, if the server wants one, comes from ``$MIXGRPO_UNIFIED_API_KEY``, never a parameter.
+an API key, if the server wants one, comes from ``$MIXGRPO_UNIFIED_API_KEY``, never a parameter, and
+is only sent over https or to loopback (see ``mixgrpo.transport`` for cluster-internal hosts).
 Proxies from the environment are ignored (reward servers are cluster-internal), as in the reference.
 """
 
@@ -64,7 +66,11 @@ SEMANTIC_TEMPLATE = (
     "Style Score (1-5): Z\n\n"
     "Your task is provided as follows:\nText Caption: [{}]"
 )
-ALIGNMENT_SCORE = re.compile(r"Alignment Score \(1-5\):\s*([0-5](?:\.\d+)?)")
+ALIGNMENT_SCORE = re.compile(r"Alignment Score \(1-5\):\s*(\d+(?:\.\d+)?)")
+ALIGNMENT_RANGE = (0.0, 5.0)  # the reference accepts 0-5; anything else (10, 55) is a failed sample
+# The reference client makes 3 attempts in all, waiting 2 s then 4 s.
+DEFAULT_RETRIES = 2
+DEFAULT_BACKOFF_S = 2.0
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -75,8 +81,8 @@ class UnifiedSettings:
     endpoints: tuple[str, ...]  # base URLs, e.g. ("http://unified-0:8080", "http://unified-1:8080")
     model: str = "UnifiedReward"  # the served model name
     timeout_s: float = 60.0  # socket timeout of one request (connect, and each read)
-    retries: int = 3  # further tries after a transient failure
-    backoff_s: float = 1.0  # wait before the first retry; doubles each retry
+    retries: int = DEFAULT_RETRIES  # further tries after a transient failure (reference: 2, so 3 attempts)
+    backoff_s: float = DEFAULT_BACKOFF_S  # wait before the first retry; doubles each retry (reference: 2 s, 4 s)
     max_backoff_s: float = 10.0  # cap on one wait
     concurrency: int = 8  # requests in flight at most, per call
     max_tokens: int = 4096  # the answer's budget (the word-wise scores are long)
@@ -91,6 +97,11 @@ class UnifiedSettings:
                 raise ValueError(f"unified: endpoint {url!r} is not an http(s) URL; use e.g. http://unified-reward:8080")
         if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0 or self.concurrency < 1:
             raise ValueError(f"unified: invalid settings {self}: timeout_s > 0, retries >= 0, backoff_s >= 0, concurrency >= 1")
+        if self.api_key:
+            from mixgrpo.transport import check_secret_transport
+
+            for url in self.endpoints:
+                check_secret_transport(url, f"the UnifiedReward API key (${API_KEY_ENV})")
 
     def delay(self, retry: int) -> float:
         """Seconds before retry number ``retry`` (1-based): ``min(max_backoff_s, backoff_s * 2^(retry-1))``."""
@@ -168,7 +179,8 @@ class UnifiedRewardClient:
                 return SampleResult(math.nan, str(error), attempt, endpoint)
             score = parse_alignment(answer)
             if score is None:
-                return SampleResult(math.nan, f"no 'Alignment Score (1-5): X' in the answer: {answer[:200]!r}", attempt, endpoint, answer)
+                return SampleResult(math.nan, f"no 'Alignment Score (1-5): X' with X in [0, 5] in the answer: {answer[:200]!r}",
+                                    attempt, endpoint, answer)
             return SampleResult(score, None, attempt, endpoint, answer)
         return SampleResult(math.nan, reason, attempt, endpoint)
 
@@ -219,9 +231,15 @@ class UnifiedRewardClient:
 
 
 def parse_alignment(answer: str) -> float | None:
-    """The number after ``Alignment Score (1-5):`` (0-5, as the reference accepts), else None."""
+    """The number after ``Alignment Score (1-5):`` when it is in [0, 5] (as the reference accepts), else None.
+
+    The whole number is read: ``10`` or ``55`` are out of range (None), never their first digit.
+    """
     match = ALIGNMENT_SCORE.search(answer)
-    return float(match.group(1)) if match else None
+    if match is None:
+        return None
+    score = float(match.group(1))
+    return score if ALIGNMENT_RANGE[0] <= score <= ALIGNMENT_RANGE[1] else None
 
 
 def encode_jpeg(image: torch.Tensor, quality: int = 95) -> str:
@@ -239,8 +257,8 @@ def build_unified(
     endpoints: str | list[str] | tuple[str, ...],
     device: str | torch.device | None = None,
     timeout_s: float = 60.0,
-    retries: int = 3,
-    backoff_s: float = 1.0,
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = DEFAULT_BACKOFF_S,
     concurrency: int = 8,
     model: str = "UnifiedReward",
 ) -> UnifiedRewardClient:
