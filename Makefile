@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# DeepSpeed (the `distributed` extra) builds any op it needs here, not in ~/.cache.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup run test test-fast bench clean
 
@@ -10,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev,mlops]'
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev,mlops,distributed]'
 	touch $@
 
 # The main job: the whole pipeline locally on the built-in toy model.

@@ -23,8 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-PIPELINE_YAML = REPO / "pipelines" / "mixgrpo_pipeline.yaml"
+PIPELINE_YAML = Path(__file__).resolve().parent / "mixgrpo_pipeline.yaml"  # package data
 
 
 def canonical_image_tag() -> str:
@@ -42,18 +41,17 @@ def compile_pipeline(output: str | Path = PIPELINE_YAML, *, image_tag: str | Non
     env[TAG_ENV] = image_tag or canonical_image_tag()
     if registry:
         env[REGISTRY_ENV] = registry
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    code = ("import sys; from kfp import compiler; from pipelines.mixgrpo_pipeline import mixgrpo_pipeline; "
+    code = ("import sys; from kfp import compiler; from mixgrpo_pipelines.pipelines.mixgrpo_pipeline import mixgrpo_pipeline; "
             "compiler.Compiler().compile(mixgrpo_pipeline, sys.argv[1])")
     output = Path(output).resolve()
-    subprocess.run([sys.executable, "-c", code, str(output)], env=env, cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-c", code, str(output)], env=env, check=True)
     return output
 
 
 def git_sha() -> str:
     from mixgrpo.images_config import git_sha as sha
 
-    value = os.environ.get("GITHUB_SHA", "")[:12] or sha(REPO)
+    value = os.environ.get("GITHUB_SHA", "")[:12] or sha(PIPELINE_YAML.parent)
     if not value:
         raise RuntimeError("no git commit: run inside the checkout or set GITHUB_SHA")
     return value
@@ -125,7 +123,7 @@ def upload_version(kfp_client: Any, package: Path, version_name: str, pipeline_n
 
 def submit(args: Any, *, recurring: bool = False) -> int:
     """``mixgrpo pipeline submit`` / ``schedule``."""
-    from pipelines.local import parse_params
+    from mixgrpo_pipelines.pipelines.local import parse_params
 
     sha = args.git_sha or git_sha()
     params = parse_params(list(args.param or []))

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-LOCAL_DIR = REPO / "runs" / "local"
+LOCAL_DIR = Path("runs", "local").absolute()  # under the working directory: an installed package has no checkout
 
 
 def default_store() -> str:
@@ -56,7 +55,7 @@ def run_local(store: str | None = None, mlflow: str | None = None, *, local_dir:
     from mixgrpo.pipeline_steps import registry_settings
     from mixgrpo.registry import CHAMPION, alias_version
     from mixgrpo.storage import fetch_dir
-    from pipelines.mixgrpo_pipeline import mixgrpo_pipeline
+    from mixgrpo_pipelines.pipelines.mixgrpo_pipeline import mixgrpo_pipeline
 
     started = time.perf_counter()
     local = Path(local_dir) if local_dir else LOCAL_DIR
@@ -107,7 +106,7 @@ def summary(result: LocalRunResult) -> str:
 
 def parse_params(items: list[str]) -> dict[str, Any]:
     """``["iterations=20", "gate_margin=0.5"]`` -> typed pipeline arguments (types from the pipeline signature)."""
-    from pipelines.mixgrpo_pipeline import mixgrpo_pipeline
+    from mixgrpo_pipelines.pipelines.mixgrpo_pipeline import mixgrpo_pipeline
 
     inputs = mixgrpo_pipeline.component_spec.inputs or {}
     out: dict[str, Any] = {}

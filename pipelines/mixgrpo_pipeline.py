@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 
-from components import cache_rewards, evaluate, gate, prepare_prompts, promote, register, train
+from mixgrpo_pipelines.components import cache_rewards, evaluate, gate, prepare_prompts, promote, register, train
 
 PIPELINE_NAME = "mixgrpo"
 S3_SECRET = "mixgrpo-s3"  # = mixgrpo.launcher.S3_SECRET (manifests/secrets/s3.template.yaml)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # make tests/services.py importable
 
 from services import MLflowServer, S3Endpoint, SeaweedFS, mlflow_binary, weed_binary  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's ZeRO tests (and their ranks) on CPU, no probing
 
 TEST_BUCKET = "mixgrpo-test"
 

@@ -165,8 +165,9 @@ def test_groups_spread_over_ranks_get_the_one_process_advantages(tmp_path):
 @pytest.mark.parametrize("engine, extra", [
     ("ddp", []),
     ("fsdp", ["distributed.reward_ranks=rank0", "model.gradient_checkpointing=true"]),
+    ("deepspeed", ["distributed.zero_stage=2"]),
     ("deepspeed", ["distributed.zero_stage=3"]),
-], ids=["ddp", "fsdp-rank0-rewards-checkpointing", "deepspeed-zero3"])
+], ids=["ddp", "fsdp-rank0-rewards-checkpointing", "deepspeed-zero2", "deepspeed-zero3"])
 def test_two_processes_end_with_the_one_process_weights(tiny_model_dir, one_process_run, tmp_path, engine, extra):
     if engine == "deepspeed":
         pytest.importorskip("deepspeed", reason="pip install -e '.[distributed]'")

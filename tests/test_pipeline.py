@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # components / pipelines, also before `pip install -e .` picked them up
 
 from mixgrpo import pipeline_steps as steps  # noqa: E402
 from mixgrpo.data import DataError, PromptValidationError  # noqa: E402
@@ -34,7 +33,7 @@ TASKS = {"prepare-prompts", "cache-rewards", "train", "evaluate", "register", "g
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from kfp import compiler
 
-    from pipelines.mixgrpo_pipeline import mixgrpo_pipeline
+    from mixgrpo_pipelines.pipelines.mixgrpo_pipeline import mixgrpo_pipeline
 
     path = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
     compiler.Compiler().compile(mixgrpo_pipeline, str(path))
@@ -92,7 +91,7 @@ def test_secrets_come_from_kubernetes_secrets_never_parameters(compiled: dict) -
 
 
 def test_committed_yaml_is_fresh(tmp_path: Path) -> None:
-    from pipelines.cluster import PIPELINE_YAML, compile_pipeline
+    from mixgrpo_pipelines.pipelines.cluster import PIPELINE_YAML, compile_pipeline
 
     fresh = compile_pipeline(tmp_path / "fresh.yaml").read_text()
     assert PIPELINE_YAML.is_file(), "pipelines/mixgrpo_pipeline.yaml is missing: run `mixgrpo pipeline compile`"
@@ -118,7 +117,7 @@ def test_layering_library_never_imports_kfp_and_components_import_mixgrpo_in_bod
     for path in (REPO / "src" / "mixgrpo").rglob("*.py"):
         tree = ast.parse(path.read_text())
         assert "kfp" not in imported(list(ast.walk(tree))), path
-        assert not {"components", "pipelines"} & set(imported(tree.body)), f"{path}: import pipelines lazily"
+        assert "mixgrpo_pipelines" not in imported(tree.body), f"{path}: import the pipeline layer lazily"
     code = "import sys, mixgrpo.cli, mixgrpo.pipeline_steps; print(sorted(m for m in sys.modules if m.startswith('kfp')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -126,23 +125,7 @@ def test_layering_library_never_imports_kfp_and_components_import_mixgrpo_in_bod
         if path.name in ("__init__.py", "images.py"):
             continue
         top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
-        assert not [n for n in top if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("mixgrpo")], path
-
-
-def test_components_and_pipelines_are_packaged_beside_the_library(tmp_path: Path) -> None:
-    """pyproject's package discovery (what `pip install -e .` installs) finds all three packages."""
-    import tomllib
-
-    from setuptools import find_packages
-
-    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    found = {p for where in find["where"] for p in find_packages(str(REPO / where), include=find["include"])}
-    assert {"mixgrpo", "mixgrpo.toy", "components", "pipelines"} <= found
-    assert not {p for p in found if p.split(".")[0] in ("tests", "src", "images", "manifests")}
-    code = "import components, pipelines.mixgrpo_pipeline; print(components.__file__)"
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
+        assert not [n for n in top if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "mixgrpo"], path
 
 
 # --------------------------------------------------------------------------- prepare-prompts
@@ -347,7 +330,7 @@ def test_register_bad_inputs_leave_nothing_registered(tmp_path: Path) -> None:
 
 
 def test_run_local_parameters_are_typed_and_checked() -> None:
-    from pipelines.local import parse_params
+    from mixgrpo_pipelines.pipelines.local import parse_params
 
     assert parse_params(["iterations=3", "gate_margin=0.5", "mode=dancegrpo"]) == {
         "iterations": 3, "gate_margin": 0.5, "mode": "dancegrpo"}

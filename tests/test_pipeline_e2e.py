@@ -7,14 +7,10 @@ so the base model also comes from the bucket), 1 iteration, 2 images per group, 
 held-out prompts. About 3-5 minutes; the component subprocesses dominate.
 """
 
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from services import MLflowServer, S3Endpoint  # noqa: E402
 
@@ -29,7 +25,7 @@ def test_local_pipeline_against_real_s3_and_mlflow(s3_server: S3Endpoint, mlflow
     from mixgrpo.registry import CHALLENGER, CHAMPION
     from mixgrpo.storage import publish_dir
     from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
-    from pipelines.local import run_local, summary
+    from mixgrpo_pipelines.pipelines.local import run_local, summary
 
     for key, value in s3_server.env().items():  # the component subprocesses inherit these
         monkeypatch.setenv(key, value)

@@ -115,13 +115,13 @@ def _cmd_rewards_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_run_local(args: argparse.Namespace) -> int:
-    from pipelines.local import main as run_local_main  # kfp is imported here, never by the library
+    from mixgrpo_pipelines.pipelines.local import main as run_local_main  # kfp is imported here, never by the library
 
     return run_local_main(args)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from pipelines.cluster import main as pipeline_main
+    from mixgrpo_pipelines.pipelines.cluster import main as pipeline_main
 
     return pipeline_main(args)
 

@@ -172,13 +172,13 @@ class DistributedConfig:
     """"none": one process; "ddp": replicated weights, averaged gradients; "fsdp": FSDP2 full shard
     (each FluxTransformerBlock / FluxSingleTransformerBlock wrapped, weights consolidated on rank 0 to
     save; activation checkpointing with model.gradient_checkpointing); "deepspeed": ZeRO-2/3 engine
-    (``pip install -e '.[distributed]'``; launch files in configs/accelerate/zero*.yaml and
-    configs/deepspeed/; its checkpoints hold the weights but not the ZeRO optimiser shards, so a
+    (``pip install -e '.[distributed]'``; launch files shipped in the package's
+    presets/accelerate/zero*.yaml and presets/deepspeed/; its checkpoints hold the weights but not the ZeRO optimiser shards, so a
     DeepSpeed run cannot be resumed yet -- use fsdp for resumable sharded runs)."""
     zero_stage: Literal[2, 3] = 2
-    """engine=deepspeed: ZeRO stage; picks configs/deepspeed/zero{stage}.json unless deepspeed_config is set."""
+    """engine=deepspeed: ZeRO stage; picks the shipped presets/deepspeed/zero{stage}.json unless deepspeed_config is set."""
     deepspeed_config: str = ""
-    """engine=deepspeed: DeepSpeed JSON config; "" = the shipped configs/deepspeed/zero{zero_stage}.json."""
+    """engine=deepspeed: DeepSpeed JSON config; "" = the shipped presets/deepspeed/zero{zero_stage}.json."""
     reward_ranks: Literal["all", "rank0"] = "all"
     """"all": every rank scores its own images; "rank0": images are gathered to rank 0, scored there
     (reward models loaded once) and the scores scattered back."""
@@ -397,6 +397,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# Package data: run presets (toy.yaml, by name) and the engines' launch files (accelerate/, deepspeed/).
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 

@@ -8,7 +8,7 @@ are gathered over all ranks and each group is normalised over all its samples
 Launch (one node, or a Kubeflow Trainer pod that sets ``PET_NNODES``, ``PET_NODE_RANK``,
 ``PET_MASTER_ADDR``, ``PET_MASTER_PORT``, ``PET_NPROC_PER_NODE``)::
 
-    mixgrpo launch --engine fsdp -- train --config configs/toy.yaml
+    mixgrpo launch --engine fsdp -- train --config toy
 
 Backend: NCCL on CUDA, gloo on CPU. One process (no ``WORLD_SIZE``) needs no process group and
 wraps nothing, whatever the engine.
@@ -28,13 +28,12 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from mixgrpo.config import ConfigError, TrainConfig
+from mixgrpo.config import PRESET_DIR, ConfigError, TrainConfig
 from mixgrpo.grpo import AdvantageStats, group_advantages_with_stats
 
 ENGINES = ("none", "ddp", "fsdp", "deepspeed")
 FSDP_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 DEEPSPEED_MARK = "deepspeed_weights_only"
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
 
 # --------------------------------------------------------------------------- process group
@@ -240,7 +239,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     import json
 
     d = cfg.distributed
-    path = Path(d.deepspeed_config) if d.deepspeed_config else CONFIG_ROOT / "deepspeed" / f"zero{d.zero_stage}.json"
+    path = Path(d.deepspeed_config) if d.deepspeed_config else PRESET_DIR / "deepspeed" / f"zero{d.zero_stage}.json"
     if not path.is_file():
         raise ConfigError(f"distributed.deepspeed_config: {path} does not exist; give a DeepSpeed JSON file or '' for the shipped one")
     values = json.loads(path.read_text())
@@ -356,7 +355,7 @@ def launch_command(train_args: Sequence[str], *, engine: str | None = None, laun
     args = list(train_args)
     if not args or args[0] != "train":
         raise ValueError(f"expected `train ...` after `--`, got {' '.join(args) or 'nothing'}; "
-                         "e.g. mixgrpo launch --engine ddp -- train --config configs/toy.yaml")
+                         "e.g. mixgrpo launch --engine ddp -- train --config toy")
     if engine:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -384,8 +383,9 @@ def launch_command(train_args: Sequence[str], *, engine: str | None = None, laun
 
 
 def accelerate_config(engine: str, zero_stage: int = 2) -> Path:
+    """The accelerate launch file shipped for ``engine`` (package data: ``mixgrpo/presets/accelerate/``)."""
     name = {"none": "ddp", "ddp": "ddp", "fsdp": "fsdp", "deepspeed": f"zero{zero_stage}"}[engine]
-    return CONFIG_ROOT / "accelerate" / f"{name}.yaml"
+    return PRESET_DIR / "accelerate" / f"{name}.yaml"
 
 
 def run_launch(train_args: Sequence[str], **options) -> int:
