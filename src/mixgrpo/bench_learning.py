@@ -1,6 +1,6 @@
 """``mixgrpo bench --learning``: held-out reward vs training time for every mode, over several seeds.
 
-Every mode trains the same toy base model (``configs/toy.yaml``) with its own tuned learning rate
+Every mode trains the same toy base model (the ``toy`` preset, ``src/mixgrpo/presets/toy.yaml``) with its own tuned learning rate
 (``TUNED_LR``, chosen by ``--sweep`` on the *validation* prompts, never on the reported held-out ones)
 for the same number of iterations; seed k (``714 + k``) draws the prompts, the initial and the SDE
 noise. The held-out combined reward (mean of the optimised rewards over the held-out prompts x 4
@@ -199,7 +199,7 @@ def summarize(out: Path, modes: list[str], seeds: int, as_json: bool = False) ->
         _, gain_low, gain_high = mean_ci95([f - base for f in finals])
         points = [(p["cpu_s"], p["mean"]) for p in curve]
         reach_target = time_to_reach(points, target)
-        reach_dance = time_to_reach(points[1:], dance_final) if dance else None
+        reach_dance = time_to_reach(points, dance_final) if dance else None
         summary["modes"][mode] = {
             "lr": TUNED_LR[mode], "final_mean": final, "final_ci95": [low, high], "gain": final - base,
             "gain_ci95": [gain_low, gain_high], "cpu_s": curve[-1]["cpu_s"], "wall_s": curve[-1]["wall_s"],

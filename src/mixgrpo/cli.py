@@ -130,12 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixgrpo",
         description="MixGRPO: GRPO alignment of flow-matching text-to-image models with a sliding window of SDE steps.",
-        epilog="Config overrides are section.key=value pairs, e.g. `mixgrpo train --config configs/toy.yaml optim.lr=3e-5 mode=dancegrpo`.",
+        epilog="Config overrides are section.key=value pairs, e.g. `mixgrpo train --config toy optim.lr=3e-5 mode=dancegrpo`.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add_config_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="YAML config file (see configs/)")
+        p.add_argument("--config", help="YAML config file (a file, or a shipped preset by name: toy)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-5")
 
     p = sub.add_parser("train", help="run MixGRPO training (or a baseline mode)")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("launch", help="several processes / nodes: torchrun (or accelerate) around `train`, "
                                       "flags from the Kubeflow Trainer's PET_* variables",
-                       epilog="e.g. mixgrpo launch --engine fsdp --nproc-per-node 8 -- train --config configs/toy.yaml")
+                       epilog="e.g. mixgrpo launch --engine fsdp --nproc-per-node 8 -- train --config toy")
     p.add_argument("--engine", choices=["none", "ddp", "fsdp", "deepspeed"], help="sets distributed.engine (default: the config's)")
     p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun")
     p.add_argument("--nproc-per-node", help="processes per node (default: $PET_NPROC_PER_NODE, else 'gpu' / 1)")

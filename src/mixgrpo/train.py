@@ -8,7 +8,7 @@ ends with the same weights as an uninterrupted run, bit for bit. Because the see
 groups, not ranks, W processes with P prompts each draw the same samples as one process with W*P
 prompts (see ``mixgrpo.distributed`` for the global batch).
 
-Launch: ``mixgrpo train --config configs/toy.yaml [section.key=value ...]``; several processes:
+Launch: ``mixgrpo train --config toy [section.key=value ...]``; several processes:
 ``mixgrpo launch --engine fsdp -- train --config ...`` (torchrun; rank 0 logs and writes checkpoints).
 """
 
