@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     p.add_argument("--iterations", type=int, default=80, help="--learning: iterations per mode")
     p.add_argument("--out", default="runs/bench", help="where plots and raw results go")
+    from mixgrpo.bench_flux import add_flux_bench_args
+
+    add_flux_bench_args(p)
     p.set_defaults(func=_cmd_bench)
 
     rewards = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", metavar="COMMAND", required=True)
