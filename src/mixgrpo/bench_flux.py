@@ -192,6 +192,15 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compute_dtype(cfg, device) -> str:
+    """"bf16 autocast" where the trainer's ``autocast_context`` autocasts, else "float32"."""
+    import torch
+
+    from mixgrpo.train import autocast_context
+
+    return "bf16 autocast" if isinstance(autocast_context(cfg, device), torch.autocast) else "float32"
+
+
 def best_seconds(fn, device, repeats: int, warmup: bool) -> float:
     """min over ``repeats`` timed calls of ``fn`` (after one untimed call when ``warmup``)."""
     import time
@@ -334,7 +343,7 @@ class ProbeNumerics:
         other_seconds = best_seconds(run, dev, 1, False)
         step_loop_s, batched_s = (other_seconds, iteration.update_seconds) if batched else (iteration.update_seconds, other_seconds)
         selected = self.numerics[self.options.old_log_probs]
-        return {"numerics": {**self.numerics, "dtype": "bf16" if dev.type == "cuda" else "float32",
+        return {"numerics": {**self.numerics, "dtype": compute_dtype(self.cfg, dev),
                              "old_log_probs": self.options.old_log_probs,
                              "trainer_ratio_first_step": iteration.trainer_ratio_first_step},
                 "ratio_first_microbatch": selected["ratio_mean"],
@@ -539,7 +548,7 @@ def run_flux_bench(options: FluxBenchOptions) -> dict | None:
         results["setup"] = {
             **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()},
             "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch_threads": torch.get_num_threads(),
-            "world_size": world.world_size, "compute_dtype": "bf16 autocast" if cuda else "float32",
+            "world_size": world.world_size, "compute_dtype": compute_dtype(cfg, dev),
             "weights_dtype": str(weights_dtype).replace("torch.", ""), "image_tokens": shape.image_tokens,
             "parameters": parameters, "trainable_parameters": trainable, "num_steps": cfg.sampling.num_steps}
         return results if world.is_main else None
