@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,6 +74,22 @@ def test_flux_bench_lora_batched_recompute(capsys, tmp_path):
         assert (row["nfe_old"], row["nfe_train"]) == EXPECTED_NFE[mode]
         assert row["row_evals_recompute"] == row["row_evals_train"]  # one no-grad forward per trained row
     assert r["numerics"]["old_log_probs"] == "recompute" and r["numerics"]["recompute"]["ratio_max_abs_deviation"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_flux_bench_fsdp_two_processes(tmp_path):
+    """--engine fsdp under torchrun (2 gloo processes): every block sharded, rank 0 reports for its shard."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mixgrpo.cli",
+               "bench", "--model", "flux", "--engine", "fsdp", "--blocks", "1,1", *TINY, "--modes", "dancegrpo,mixgrpo",
+               "--out", str(tmp_path), "--json"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["setup"]["world_size"] == 2 and r["setup"]["engine"] == "fsdp"
+    for mode, row in r["window_0"].items():
+        assert (row["nfe_old"], row["nfe_train"]) == EXPECTED_NFE[mode] and row["peak_memory_bytes"] > 0
+    assert abs(r["ratio_first_microbatch"] - 1) < 1e-5
 
 
 def test_batched_window_gives_the_step_loop_gradients():

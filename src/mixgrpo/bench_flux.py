@@ -472,6 +472,11 @@ def run_flux_bench(options: FluxBenchOptions) -> dict | None:
     try:
         dev = world.device
         cuda = dev.type == "cuda"
+        if options.engine == "fsdp" and world.world_size == 1:
+            import sys
+
+            print("mixgrpo bench: --engine fsdp in one process shards nothing; launch several with "
+                  "`torchrun --nproc-per-node N -m mixgrpo.cli bench --model flux --engine fsdp ...`", file=sys.stderr)
         warmup = options.warmup if options.warmup is not None else cuda
         if options.weights_dtype == "auto":
             weights_dtype = torch.bfloat16 if cuda and options.lora_rank > 0 else torch.float32
