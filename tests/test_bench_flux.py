@@ -16,7 +16,7 @@ from mixgrpo.cli import main as cli_main
 from mixgrpo.config import load_config
 from mixgrpo.models.random_flux import FLUX_DEV_ARCHITECTURE, FluxShape, build_random_flux_policy, rope_axes
 from mixgrpo.sampling import flow_sigmas
-from mixgrpo.train import rollout_phase, update_phase
+from mixgrpo.train import load_prompts, rollout_phase, update_phase
 from mixgrpo.update_variants import first_microbatch_numerics, recompute_old_log_probs, update_phase_batched
 
 TINY = ["--heads", "2", "--head-dim", "16", "--text-dim", "32", "--pooled-dim", "32", "--text-tokens", "8",
@@ -92,33 +92,44 @@ def test_flux_bench_fsdp_two_processes(tmp_path):
     assert abs(r["ratio_first_microbatch"] - 1) < 1e-5
 
 
-def test_batched_window_gives_the_step_loop_gradients():
+def tiny_flux_policy():
+    return build_random_flux_policy(TINY_SHAPE, torch.device("cpu"))
+
+
+def tiny_toy_policy():
+    from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig
+
+    return ToyFlowModel(ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=32))
+
+
+@pytest.mark.parametrize("make_policy", [tiny_flux_policy, tiny_toy_policy], ids=["flux-shaped", "toy"])
+@pytest.mark.parametrize("mode,window", [("mixgrpo", range(2, 6)), ("dancegrpo", range(0, 25))], ids=["mixgrpo", "dancegrpo"])
+def test_batched_window_gives_the_step_loop_gradients(make_policy, mode, window):
     """One optimiser step (SGD, lr 1000, both micro-batches accumulated): weight change = -1000 x gradient
     (the large rate puts the change far above the float32 rounding of the weights)."""
     torch.manual_seed(0)
     device = torch.device("cpu")
-    base = build_random_flux_policy(TINY_SHAPE, device)
-    for mode, window in (("mixgrpo", range(2, 6)), ("dancegrpo", range(0, 25))):
-        cfg = load_config(overrides={"mode": mode, "sampling.group_size": 4, "optim.train_batch_size": 2,
-                                     "optim.gradient_accumulation_steps": 2, "optim.max_grad_norm": 1e9,
-                                     "rewards.held_out": []})
-        sigmas = flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift)
-        batch = rollout_phase(base, ["a red cube"], cfg, window, 0, 0, device, sigmas)
-        advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
-        deltas, stats = [], []
-        for update in (update_phase, update_phase_batched):
-            policy = copy.deepcopy(base)
-            before = {n: p.detach().clone() for n, p in policy.module.named_parameters()}
-            optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1000.0)
-            stats.append(update(policy, optimizer, batch, advantages, cfg, 0, 0, device))
-            deltas.append({n: p.detach() - before[n] for n, p in policy.module.named_parameters()})
-        moved = max(float(d.abs().max()) for d in deltas[0].values())
-        assert moved > 1e-3, f"{mode}: the update did not move the weights; the comparison would prove nothing"
-        worst = max(float((deltas[0][n] - deltas[1][n]).abs().max()) for n in deltas[0])
-        assert worst <= 1e-5 * moved, f"{mode}: batched-window gradients differ by {worst:.3g} (largest {moved:.3g})"
-        assert stats[0].nfe_train == stats[1].nfe_train and stats[0].optimizer_steps == stats[1].optimizer_steps == 1
-        assert stats[0].ratios == pytest.approx(stats[1].ratios, abs=1e-6)
-        assert stats[0].loss == pytest.approx(stats[1].loss, abs=1e-6)
+    base = make_policy()
+    cfg = load_config(overrides={"mode": mode, "sampling.group_size": 4, "optim.train_batch_size": 2,
+                                 "optim.gradient_accumulation_steps": 2, "optim.max_grad_norm": 1e9,
+                                 "rewards.held_out": []})
+    sigmas = flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift)
+    batch = rollout_phase(base, [load_prompts("", "train")[0]], cfg, window, 0, 0, device, sigmas)
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    deltas, stats = [], []
+    for update in (update_phase, update_phase_batched):
+        policy = copy.deepcopy(base)
+        before = {n: p.detach().clone() for n, p in policy.module.named_parameters()}
+        optimizer = torch.optim.SGD(list(policy.trainable_parameters()), lr=1000.0)
+        stats.append(update(policy, optimizer, batch, advantages, cfg, 0, 0, device))
+        deltas.append({n: p.detach() - before[n] for n, p in policy.module.named_parameters()})
+    moved = max(float(d.abs().max()) for d in deltas[0].values())
+    assert moved > 1e-3, "the update did not move the weights; the comparison would prove nothing"
+    worst = max(float((deltas[0][n] - deltas[1][n]).abs().max()) for n in deltas[0])
+    assert worst <= 1e-5 * moved, f"batched-window gradients differ by {worst:.3g} (largest change {moved:.3g})"
+    assert stats[0].nfe_train == stats[1].nfe_train and stats[0].optimizer_steps == stats[1].optimizer_steps == 1
+    assert stats[0].ratios == pytest.approx(stats[1].ratios, abs=1e-6)
+    assert stats[0].loss == pytest.approx(stats[1].loss, abs=1e-6)
 
 
 def test_recompute_keeps_untrained_steps_and_matches_in_float32():
