@@ -147,6 +147,22 @@ def test_recompute_keeps_untrained_steps_and_matches_in_float32():
         assert abs(numerics["ratio_mean"] - 1) < 1e-5 and numerics["clip_fraction"] == 0
 
 
+def test_recomputed_old_log_probs_give_ratio_exactly_one_under_bf16():
+    """bf16 autocast, rollout of 4 rows vs micro-batches of 1: after the recompute the update's first
+    forward repeats the recompute's computation, so the ratio is 1 exactly."""
+    device = torch.device("cpu")
+    policy = build_random_flux_policy(TINY_SHAPE, device, weights_dtype=torch.bfloat16, seed=2)
+    cfg = load_config(overrides={"mode": "mixgrpo", "sampling.group_size": 4, "optim.train_batch_size": 1,
+                                 "model.mixed_precision": "bf16", "rewards.held_out": []})
+    batch = rollout_phase(policy, ["a green cone"], cfg, range(5, 9), 0, 0, device, flow_sigmas(25, 3.0))
+    for batched in (False, True):
+        before = first_microbatch_numerics(policy, batch, cfg, 0, 0, device, batched=batched)
+        fresh = recompute_old_log_probs(policy, batch, cfg, 0, 0, device, batched=batched)
+        after = first_microbatch_numerics(policy, fresh, cfg, 0, 0, device, batched=batched)
+        assert before["ratio_max_abs_deviation"] < 1e-2
+        assert after == {"ratio_mean": 1.0, "ratio_max_abs_deviation": 0.0, "clip_fraction": 0.0}
+
+
 def test_flux_dev_shape_and_stand_ins():
     shape = FluxShape()
     assert shape.architecture() == FLUX_DEV_ARCHITECTURE and rope_axes(128) == (16, 56, 56)
