@@ -263,7 +263,7 @@ def time_flux_iteration(policy, optimizer, cfg, options: FluxBenchOptions, world
                         iteration: int, probe=None) -> FluxIteration:
     """One trainer iteration at a forced window position: rollout -> score -> advantages -> [recompute] -> update.
 
-    ``probe(batch, advantages)`` runs just before the update (old weights); its time is not counted.
+    ``probe(batch, advantages, iteration)`` runs just before the update (old weights); its time is not counted.
     """
     import time
 
@@ -288,7 +288,7 @@ def time_flux_iteration(policy, optimizer, cfg, options: FluxBenchOptions, world
     if probe is not None:
         _sync(dev)
         probe_start = time.perf_counter()
-        probe(batch, advantages)
+        probe(batch, advantages, iteration)
         _sync(dev)
         probe_seconds = time.perf_counter() - probe_start
     recompute_rows = 0
@@ -317,10 +317,11 @@ class ProbeNumerics:
         self.policy, self.cfg, self.options, self.world, self.shard = policy, cfg, options, world, shard
         self.numerics: dict = {}
 
-    def __call__(self, batch, advantages) -> None:
+    def __call__(self, batch, advantages, iteration: int) -> None:
         from mixgrpo.update_variants import first_microbatch_numerics, recompute_old_log_probs
 
-        args = (self.policy, batch, self.cfg, 0, self.world.rank, self.world.device)
+        self.iteration = iteration
+        args = (self.policy, batch, self.cfg, iteration, self.world.rank, self.world.device)
         kwargs = {"batched": self.options.window_batching, "shard": self.shard}
         recomputed = recompute_old_log_probs(*args, **kwargs)
         self.batch = batch if self.options.old_log_probs == "rollout" else recomputed
@@ -337,7 +338,7 @@ class ProbeNumerics:
         stats = {}
 
         def run() -> None:
-            stats["other"] = other(self.policy, optimizer, self.batch, self.advantages, self.cfg, 0, self.world.rank,
+            stats["other"] = other(self.policy, optimizer, self.batch, self.advantages, self.cfg, self.iteration, self.world.rank,
                                    dev, SectionTimer(dev), self.shard)
 
         other_seconds = best_seconds(run, dev, 1, False)
