@@ -206,6 +206,10 @@ def format_table(results: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "model", "toy") == "flux":
+        from mixgrpo.bench_flux import main as flux_main
+
+        return flux_main(args)
     if args.learning:
         from mixgrpo.bench_learning import run_learning_bench
 

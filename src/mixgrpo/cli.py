@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default="", help="--learning: comma-separated learning rates; one seed each on the validation prompts, picks each mode's lr")
     p.add_argument("--rerun", action="store_true", help="--learning: train again even where a finished run is in --out")
     p.add_argument("--out", default="runs/bench", help="where plots and raw results go")
+    from mixgrpo.bench_flux import add_flux_bench_args
+
+    add_flux_bench_args(p)
     p.set_defaults(func=_cmd_bench)
 
     rewards = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", metavar="COMMAND", required=True)
