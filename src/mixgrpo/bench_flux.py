@@ -242,7 +242,7 @@ def train_row_evals(cfg, shard, iteration: int, window: range) -> int:
     """Rows through forward+backward in an update: sum over micro-batches of rows x trained steps."""
     from mixgrpo.train import micro_batches, trained_steps
 
-    return sum(len(rows) * len(trained_steps(cfg, window, generator)) for rows, generator in micro_batches(cfg, shard, iteration))
+    return sum(len(rows) * len(trained_steps(cfg, window, generator, len(rows))[0]) for rows, generator in micro_batches(cfg, shard, iteration))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``mixgrpo bench --learning``: held-out reward vs training time for every mode, over several seeds.
 
 Every mode trains the same toy base model (the ``toy`` preset, ``src/mixgrpo/presets/toy.yaml``) with its own tuned learning rate
-(``TUNED_LR``, chosen by ``--sweep`` on the *validation* prompts, never on the reported held-out ones)
+(``TUNED_LR``, chosen by ``--lr-sweep`` on the *validation* prompts, never on the reported held-out ones)
 for the same number of iterations; seed k (``714 + k``) draws the prompts, the initial and the SDE
 noise. The held-out combined reward (mean of the optimised rewards over the held-out prompts x 4
 fixed seeds) is measured every ``iterations / 8`` iterations.
@@ -30,7 +30,7 @@ SEED_BASE = 714
 TOY_CONFIG = Path(__file__).resolve().parent / "presets" / "toy.yaml"
 
 # The learning rate of each mode on the toy world, chosen by
-#   OMP_NUM_THREADS=1 mixgrpo bench --learning --sweep 2e-5,5e-5,1e-4,2e-4
+#   OMP_NUM_THREADS=1 mixgrpo bench --learning --lr-sweep 2e-5,5e-5,1e-4,2e-4
 # (one seed, the best final combined reward on the validation prompts).
 TUNED_LR: dict[str, float] = {
     "dancegrpo": 1e-4,
@@ -138,8 +138,8 @@ def run_learning_bench(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     iterations = 24 if args.quick else args.iterations
     modes = args.modes.split(",") if args.modes else list(LEARNING_MODES)
-    if args.sweep:
-        return run_sweep(out, modes, [float(v) for v in args.sweep.split(",")], iterations, args.json)
+    if args.lr_sweep:
+        return run_sweep(out, modes, [float(v) for v in args.lr_sweep.split(",")], iterations, args.json)
     for mode in modes:
         for k in range(args.seeds):
             run_dir = out / mode / f"seed{k}"
@@ -168,7 +168,7 @@ def run_sweep(out: Path, modes: list[str], lrs: list[float], iterations: int, as
         for lr in lrs:
             run_dir = out / "sweep" / mode / f"lr{lr:g}"
             if not ((run_dir / "metrics.jsonl").is_file() and _finished(run_dir / "metrics.jsonl")):
-                print(f"[bench --learning --sweep] {mode} lr {lr:g}: {iterations} iterations", flush=True)
+                print(f"[bench --learning --lr-sweep] {mode} lr {lr:g}: {iterations} iterations", flush=True)
                 train(_config(mode, SEED_BASE, lr, iterations, run_dir, eval_prompts=str(validation)))
             results[mode][f"{lr:g}"] = learning_curve(run_dir / "metrics.jsonl", names)[-1]["combined"]
     best = {mode: max(scores, key=scores.get) for mode, scores in results.items()}

@@ -195,8 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     p.add_argument("--iterations", type=int, default=80, help="--learning: iterations per mode")
     p.add_argument("--seeds", type=int, default=3, help="--learning: seeds per mode (mean and 95%% CI over them)")
-    p.add_argument("--modes", default="", help="--learning: comma-separated modes (default: dancegrpo and the three MixGRPO modes)")
-    p.add_argument("--sweep", default="", help="--learning: comma-separated learning rates; one seed each on the validation prompts, picks each mode's lr")
+    p.add_argument("--lr-sweep", default="", help="--learning: comma-separated learning rates; one seed each on the validation prompts, picks each mode's lr")
     p.add_argument("--rerun", action="store_true", help="--learning: train again even where a finished run is in --out")
     p.add_argument("--out", default="runs/bench", help="where plots and raw results go")
     from mixgrpo.bench_flux import add_flux_bench_args

@@ -37,32 +37,55 @@ def default_shard(batch: RolloutBatch, cfg: TrainConfig, rank: int) -> Shard:
     return Shard(tuple(range(rank * groups, (rank + 1) * groups)), range(cfg.sampling.group_size))
 
 
-def window_log_probs(policy: FlowModel, batch: RolloutBatch, cond: Conditioning, rows: torch.Tensor, steps: list[int],
-                     cfg: TrainConfig, device: torch.device, *, batched: bool, timer: SectionTimer | None = None,
-                     section: str = "forward_train") -> torch.Tensor:
-    """[b, k] log-probs of the stored transitions x_i -> x_{i+1} of ``rows`` at the trained ``steps``.
+def window_log_probs(policy: FlowModel, batch: RolloutBatch, cond: Conditioning, rows: torch.Tensor,
+                     steps_per_row: list[list[int]], cfg: TrainConfig, device: torch.device, *, batched: bool,
+                     timer: SectionTimer | None = None, section: str = "forward_train") -> torch.Tensor:
+    """[b, k] log-probs of the stored transitions x_i -> x_{i+1} of ``rows``, row r at its k trained steps
+    ``steps_per_row[r]`` (the same for every row in a sliding window; drawn per sample for DanceGRPO).
 
-    ``batched``: one velocity call on the k steps' latents concatenated along the batch axis (per-row
-    sigma); else one call per step with the scalar sigma, exactly as ``update_phase``. Gradients flow
-    when enabled by the caller.
+    ``batched``: one velocity call on the k positions' latents concatenated along the batch axis (per-row
+    sigma); else one call per position, with the scalar sigma when the rows share the step, exactly as
+    ``update_phase``. Gradients flow when enabled by the caller.
     """
     ro, eta, step_fn = batch.rollout, cfg.sampling.eta, step_rule(cfg)
     timer = timer or SectionTimer()
-    offsets = [i - ro.window.start for i in steps]
-    inputs = [ro.latents[rows, k].to(device) for k in offsets]
+    steps = torch.tensor(steps_per_row)                       # [b, k] step indices
+    offsets = steps - ro.window.start
+    positions = range(steps.shape[1])
+    inputs = [ro.latents[rows, offsets[:, j]].to(device) for j in positions]
+
+    def sigma_of(j: int) -> torch.Tensor:
+        column = steps[:, j]
+        shared = bool((column == column[0]).all())
+        return ro.sigmas[int(column[0])] if shared and not batched else ro.sigmas[column.to(ro.sigmas.device)]
+
     if batched:
         x = torch.cat(inputs)
-        sigma = torch.cat([ro.sigmas[i].expand(len(rows)) for i in steps])
-        stacked = {key: torch.cat([value] * len(steps)) for key, value in cond.items()}
+        sigma = torch.cat([sigma_of(j) for j in positions])
+        stacked = {key: torch.cat([value] * len(positions)) for key, value in cond.items()}
         with timer.section(section), autocast_context(cfg, device):
-            velocities = policy.velocity(x, sigma, stacked).float().chunk(len(steps))
+            velocities = policy.velocity(x, sigma, stacked).float().chunk(len(positions))
     else:
         velocities = []
-        for x, i in zip(inputs, steps):
+        for j in positions:
             with timer.section(section), autocast_context(cfg, device):
-                velocities.append(policy.velocity(x, ro.sigmas[i], cond).float())
-    return torch.stack([step_fn(x, v, ro.sigmas, i, eta, prev_sample=ro.latents[rows, k + 1].to(device)).log_prob
-                        for x, v, i, k in zip(inputs, velocities, steps, offsets)], dim=1)
+                velocities.append(policy.velocity(inputs[j], sigma_of(j), cond).float())
+    columns = []
+    for j in positions:
+        column = torch.empty(len(rows), device=device)
+        for i in torch.unique(steps[:, j]).tolist():       # the step rules take one step index
+            mask = (steps[:, j] == i).to(device)
+            x_next = ro.latents[rows[mask.cpu()], i - ro.window.start + 1].to(device)
+            column = column.masked_scatter(mask, step_fn(inputs[j][mask], velocities[j][mask], ro.sigmas, i, eta,
+                                                         prev_sample=x_next).log_prob)
+        columns.append(column)
+    return torch.stack(columns, dim=1)
+
+
+def stored_log_probs(batch: RolloutBatch, rows: torch.Tensor, steps_per_row: list[list[int]]) -> torch.Tensor:
+    """[b, k] log-probs the rollout stored for ``rows`` at their trained steps."""
+    offsets = torch.tensor(steps_per_row) - batch.rollout.window.start
+    return batch.rollout.log_probs[rows[:, None], offsets]
 
 
 def update_phase_batched(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: RolloutBatch,
@@ -78,23 +101,23 @@ def update_phase_batched(policy: FlowModel, optimizer: torch.optim.Optimizer, ba
     for start in range(0, len(batches), o.gradient_accumulation_steps):
         group = batches[start:start + o.gradient_accumulation_steps]
         for index, (rows, generator) in enumerate(group):
-            steps = trained_steps(cfg, ro.window, generator)
+            steps = trained_steps(cfg, ro.window, generator, len(rows))
             cond = index_conditioning(batch.cond, rows.to(device))
             adv = advantages[rows].to(device)
-            old = ro.log_probs[rows][:, [i - ro.window.start for i in steps]].to(device)
+            old = stored_log_probs(batch, rows, steps).to(device)
             with distributed.gradient_sync(policy.module, index == len(group) - 1):
                 logp = window_log_probs(policy, batch, cond, rows, steps, cfg, device, batched=True, timer=timer)
                 out = policy_loss(logp, old, adv, clip_range=o.clip_range, kl_coeff=o.kl_coeff)
                 with timer.section("backward"):
                     distributed.backward(policy.module, out.loss / len(group))
             with torch.no_grad():  # the step loop's per-step statistics
-                for j in range(len(steps)):
+                for j in range(len(steps[0])):
                     term = policy_loss(logp[:, j].detach(), old[:, j], adv, clip_range=o.clip_range, kl_coeff=o.kl_coeff)
                     stats.ratios.append(term.ratio_mean)
                     clip_sum += term.clip_fraction
                     kl_sum += term.approx_kl
                     loss_sum += float(term.loss)
-            stats.nfe_train += len(steps)
+            stats.nfe_train += len(steps[0])
         grad_norm = distributed.optimizer_step(policy.module, optimizer, o.max_grad_norm)
         stats.grad_norm = max(stats.grad_norm, grad_norm)
         stats.optimizer_steps += 1
@@ -113,12 +136,12 @@ def recompute_old_log_probs(policy: FlowModel, batch: RolloutBatch, cfg: TrainCo
     ro = batch.rollout
     log_probs = ro.log_probs.clone()
     for rows, generator in micro_batches(cfg, shard or default_shard(batch, cfg, rank), iteration):
-        steps = trained_steps(cfg, ro.window, generator)
+        steps = trained_steps(cfg, ro.window, generator, len(rows))
         cond = index_conditioning(batch.cond, rows.to(device))
         fresh = window_log_probs(policy, batch, cond, rows, steps, cfg, device, batched=batched, timer=timer,
                                  section="forward_recompute")
-        columns = torch.tensor([i - ro.window.start for i in steps])
-        log_probs[rows.to(log_probs.device)[:, None], columns.to(log_probs.device)[None, :]] = fresh.to(log_probs.dtype)
+        columns = (torch.tensor(steps) - ro.window.start).to(log_probs.device)
+        log_probs[rows.to(log_probs.device)[:, None], columns] = fresh.to(log_probs.dtype)
     return dataclasses.replace(batch, rollout=dataclasses.replace(ro, log_probs=log_probs))
 
 
@@ -131,10 +154,10 @@ def first_microbatch_numerics(policy: FlowModel, batch: RolloutBatch, cfg: Train
     """
     ro = batch.rollout
     rows, generator = micro_batches(cfg, shard or default_shard(batch, cfg, rank), iteration)[0]
-    steps = trained_steps(cfg, ro.window, generator)
+    steps = trained_steps(cfg, ro.window, generator, len(rows))
     cond = index_conditioning(batch.cond, rows.to(device))
     now = window_log_probs(policy, batch, cond, rows, steps, cfg, device, batched=batched)
-    old = ro.log_probs[rows][:, [i - ro.window.start for i in steps]].to(device)
+    old = stored_log_probs(batch, rows, steps).to(device)
     ratio = torch.exp(now - old)
     return {"ratio_mean": float(ratio.mean()), "ratio_max_abs_deviation": float((ratio - 1).abs().max()),
             "clip_fraction": float(((ratio - 1).abs() > cfg.optim.clip_range).float().mean())}
