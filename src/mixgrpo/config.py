@@ -187,7 +187,7 @@ class TrainConfig:
     """Held-out prompts for the periodic evaluation; "" = the toy world's held-out split."""
     eval_every: int = 0
     """Evaluate held-out rewards every K iterations (0 = only at the end)."""
-    eval_images_per_prompt: int = 2
+    eval_images_per_prompt: int = 4
     output_dir: str = "runs/mixgrpo"
     checkpoint_every: int = 50
     checkpoint_uri: str = ""

@@ -31,7 +31,6 @@ from mixgrpo import distributed
 from mixgrpo.config import TrainConfig, config_to_dict, config_to_yaml
 from mixgrpo.distributed import Shard, World
 from mixgrpo.grpo import policy_loss
-from mixgrpo.images import seed_diversity
 from mixgrpo.models.base import Conditioning, FlowModel, index_conditioning, repeat_conditioning
 from mixgrpo.rewards.base import Reward, build_reward
 from mixgrpo.sampling import Rollout, dance_sde_step, flow_sigmas, mixed_rollout, sde_step
@@ -282,37 +281,15 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
 # --------------------------------------------------------------------------- evaluation on held-out prompts
 
 
-@torch.no_grad()
-def sample_images(policy: FlowModel, prompts: list[str], seeds: list[int], cfg: TrainConfig, device: torch.device,
-                  batch_size: int = 64) -> torch.Tensor:
-    """Deterministic ODE samples (no window), one image per (prompt, seed) pair, in [0, 1]."""
-    sigmas = flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift).to(device)
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        cond = policy.encode_prompts(chunk)
-        latents = torch.stack([torch.randn(policy.latent_shape(), generator=generator_for("sample", seed)) for seed in chunk_seeds]).to(device)
-
-        def velocity_fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            with autocast_context(cfg, device):
-                return policy.velocity(x, sigma, cond).float()
-
-        result = mixed_rollout(velocity_fn, latents, sigmas, range(0, 0), cfg.sampling.eta)
-        images.append(policy.decode(result.sample).float().cpu())
-    return torch.cat(images)
-
-
 def held_out_rewards(policy: FlowModel, rewards: dict[str, Reward], prompts: list[str], cfg: TrainConfig,
                      device: torch.device) -> dict[str, float]:
-    """Mean of every reward (optimised and held-out) over held-out prompts x fixed seeds, plus the
-    never-optimised ``heldout_diversity`` (pixel std across the seeds of a prompt; collapse -> 0)."""
-    per_prompt = cfg.eval_images_per_prompt
-    all_prompts = [p for p in prompts for _ in range(per_prompt)]
-    seeds = [derive_seed("eval", i % per_prompt) for i in range(len(all_prompts))]
-    images = sample_images(policy, all_prompts, seeds, cfg, device)
-    scores = score_phase(rewards, images, all_prompts)
-    return {**{name: float(torch.nanmean(value)) for name, value in scores.items()},
-            "heldout_diversity": seed_diversity(images, per_prompt)}
+    """Mean over every held-out prompt of every reward (optimised and held-out), each prompt x
+    ``cfg.eval_images_per_prompt`` seeds through the shared evaluation sampler, plus the never-optimised
+    ``heldout_diversity`` (pixel std across the seeds of a prompt; collapse -> 0)."""
+    from mixgrpo.eval_sampler import evaluate_policy
+
+    _, _, per_prompt = evaluate_policy(policy, rewards, prompts, cfg.eval_images_per_prompt, cfg, device)
+    return {name: float(torch.nanmean(values)) for name, values in per_prompt.items()}
 
 
 # --------------------------------------------------------------------------- checkpoints
