@@ -595,6 +595,9 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
                 policy.save_pretrained(final_dir)
             else:
                 raw_module.save_pretrained(final_dir / "transformer", safe_serialization=True)
+        from mixgrpo.model_card import write_model_files
+
+        write_model_files(final_dir, cfg, held_out_before, held_out_after)  # mixgrpo_model.json, README.md
         if cfg.checkpoint_uri:
             from mixgrpo.storage import publish_dir
 
