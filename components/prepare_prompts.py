@@ -3,7 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Markdown, Output
+from kfp.dsl import Dataset, Markdown, Output
 
 from components.images import RUNTIME_IMAGE
 
@@ -14,6 +14,7 @@ def prepare_prompts(
     object_store_uri: str,
     pipeline_run_id: str,
     validation_report: Output[Markdown],
+    prompt_set: Output[Dataset],
     column: str = "",
     test_fraction: float = 0.2,
     min_prompts: int = 16,
@@ -28,6 +29,7 @@ def prepare_prompts(
         object_store_uri: Object-store root (s3://BUCKET/PREFIX or file:///DIR); the data set goes to runs/RUN_ID/prompts.
         pipeline_run_id: The KFP run id (names the run's prefix).
         validation_report: The validation report (cleaning counts, every expectation, failing rows), also when it fails.
+        prompt_set: The prepared data set as a Dataset artifact whose URI is the published prefix (lineage in the UI).
         column: Prompt column of csv / jsonl / parquet; "" = the first of prompt, caption, text.
         test_fraction: Share of prompts held out for evaluation.
         min_prompts: Fewer prompts after cleaning fail the validation suite.
@@ -55,5 +57,7 @@ def prepare_prompts(
             Path(validation_report.path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(report_dir / "report.md", validation_report.path)
         shutil.rmtree(report_dir, ignore_errors=True)
+    prompt_set.uri = out.uri
+    prompt_set.metadata.update({"dataset_hash": out.dataset_hash, "n_train": out.n_train, "n_test": out.n_test})
     outputs = namedtuple("PreparedPrompts", ["prompts_uri", "dataset_hash", "n_train", "n_test"])
     return outputs(out.uri, out.dataset_hash, out.n_train, out.n_test)

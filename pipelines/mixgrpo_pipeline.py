@@ -66,7 +66,7 @@ def mixgrpo_pipeline(
     train_namespace: str = "",
     kueue_queue: str = "",
     train_timeout_hours: float = 72.0,
-    eval_images_per_prompt: int = 2,
+    eval_images_per_prompt: int = 4,
     eval_max_prompts: int = 0,
     eval_gpus: int = 1,
     mlflow_model_name: str = "mixgrpo-dit",
@@ -108,7 +108,7 @@ def mixgrpo_pipeline(
         train_namespace: Namespace of the TrainJob; "" = the pipeline's.
         kueue_queue: Kueue LocalQueue for the TrainJob; "" = none.
         train_timeout_hours: The TrainJob is stopped (and the step fails) after this long.
-        eval_images_per_prompt: Images per held-out prompt in the evaluation.
+        eval_images_per_prompt: Seeds per held-out prompt in the evaluation (at least 4 for a per-prompt spread).
         eval_max_prompts: Evaluate at most this many held-out prompts; 0 = all.
         eval_gpus: GPUs of the evaluate step on a cluster.
         mlflow_model_name: Registered model name in MLflow.
@@ -140,7 +140,8 @@ def mixgrpo_pipeline(
         learning_rate=learning_rate, window_size=window_size, window_shift_interval=window_shift_interval,
         window_strategy=window_strategy, seed=seed, executor=executor, num_nodes=num_nodes,
         gpus_per_node=gpus_per_node, engine=engine, extra_overrides=extra_overrides,
-        train_namespace=train_namespace, kueue_queue=kueue_queue, train_timeout_hours=train_timeout_hours)
+        train_namespace=train_namespace, kueue_queue=kueue_queue, train_timeout_hours=train_timeout_hours,
+        mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment, git_sha=git_sha)
     # No cache: the key cannot see new data behind the same URIs. One retry resumes from the last checkpoint.
     trained.set_display_name("Train (MixGRPO)").set_caching_options(False).set_retry(num_retries=1)
     _secret_env(trained, mlflow=True)
@@ -160,7 +161,7 @@ def mixgrpo_pipeline(
         config_json=trained.outputs["config_json"], config_hash=trained.outputs["config_hash"],
         dataset_hash=prepared.outputs["dataset_hash"], pipeline_run_id=run_id,
         mlflow_tracking_uri=mlflow_tracking_uri, model_name=mlflow_model_name, experiment=mlflow_experiment,
-        git_sha=git_sha, gate_metric=gate_metric)
+        git_sha=git_sha, gate_metric=gate_metric, mlflow_run_id=trained.outputs["mlflow_run_id"])
     registered.set_display_name("Register in MLflow").set_caching_options(False).set_retry(**S3_RETRY)
     _secret_env(registered, mlflow=True)
 

@@ -198,7 +198,10 @@ class TrainConfig:
     mlflow_tracking_uri: str = ""
     """Log metrics to this MLflow server / store as well ("" = off)."""
     mlflow_experiment: str = "mixgrpo"
+    mlflow_run_id: str = ""
+    """Log into this existing MLflow run (the pipeline creates it before training); "" = start a new run."""
     progress_bar: bool = True
+    """A tqdm bar on a terminal; elsewhere one progress line every few iterations."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     window: WindowConfig = field(default_factory=WindowConfig)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,27 +427,72 @@ def load_prompts(path: str, split: str) -> list[str]:
 # --------------------------------------------------------------------------- the loop
 
 
-class MetricsLog:
-    """Append-only JSON-lines metrics file, mirrored to MLflow when a tracking URI is set."""
+def mlflow_metrics(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record as MLflow metrics with ``/``-separated names.
 
-    def __init__(self, path: Path, cfg: TrainConfig):
+    ``rewards.NAME.mean`` -> ``train/reward/NAME`` (``.std`` -> ``train/reward_std/NAME``),
+    ``held_out.NAME`` -> ``eval/held_out/NAME``, any other number ``KEY`` -> ``train/KEY``.
+    """
+    out = {}
+    for key, value in _flat(record).items():
+        if key in ("iteration", "final") or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            continue
+        parts = key.split("/")
+        if parts[0] == "rewards" and len(parts) == 3:
+            name = f"train/{'reward' if parts[2] == 'mean' else 'reward_' + parts[2]}/{parts[1]}"
+        elif parts[0] == "held_out":
+            name = "eval/" + key
+        else:
+            name = "train/" + key
+        out[name] = float(value)
+    return out
+
+
+class MetricsLog:
+    """Append-only JSON-lines metrics file, mirrored live to MLflow when a tracking URI is set, and a
+    progress line every few iterations when no tqdm bar runs (see :mod:`mixgrpo.console`).
+
+    MLflow: the run ``cfg.mlflow_run_id`` (the pipeline's) or a new one; params = the resolved config
+    and the git sha; one metric point per iteration (step = iteration) as it happens.
+    """
+
+    def __init__(self, path: Path, cfg: TrainConfig, start_iteration: int = 0, progress: bool = True):
+        from mixgrpo.console import progress_every
+
         self.path = path
         self.mlflow = None
+        self.total = cfg.max_iterations
+        self.every = progress_every(cfg.max_iterations) if progress else 0
+        self.started, self.start_iteration = time.perf_counter(), start_iteration
         if cfg.mlflow_tracking_uri:
             import mlflow
 
+            from mixgrpo.pipeline_steps import resolve_git_sha
+
             mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
-            mlflow.set_experiment(cfg.mlflow_experiment)
-            self.run = mlflow.start_run(run_name=Path(cfg.output_dir).name)
-            mlflow.log_params({k: str(v)[:250] for k, v in _flat(config_to_dict(cfg)).items()})
+            if cfg.mlflow_run_id:
+                self.run = mlflow.start_run(run_id=cfg.mlflow_run_id)
+            else:
+                mlflow.set_experiment(cfg.mlflow_experiment)
+                self.run = mlflow.start_run(run_name=Path(cfg.output_dir).name)
+            params = {k: str(v)[:250] for k, v in _flat(config_to_dict(cfg)).items()}
+            params["git_sha"] = resolve_git_sha() or "unknown"
+            existing = self.run.data.params
+            mlflow.log_params({k: v for k, v in params.items() if k not in existing})  # a resumed run has them
             self.mlflow = mlflow
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.mlflow is not None:
-            numbers = {k: float(v) for k, v in _flat(record).items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            self.mlflow.log_metrics(numbers, step=int(record["iteration"]))
+            self.mlflow.log_metrics(mlflow_metrics(record), step=int(record["iteration"]))
+        done = int(record["iteration"])
+        if self.every and "rewards" in record and (done % self.every == 0 or done == self.total):
+            from mixgrpo.console import progress_line, say
+
+            per_iteration = (time.perf_counter() - self.started) / max(done - self.start_iteration, 1)
+            say(progress_line(record, self.total, per_iteration))
 
     def close(self) -> None:
         if self.mlflow is not None:
@@ -530,13 +576,14 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float) -> Trai
             print(f"resumed from {checkpoint} at iteration {start_iteration}")
     elif not resume and main:
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    log = MetricsLog(output_dir / "metrics.jsonl", cfg) if main else None
+    bar = cfg.progress_bar and main and sys.stderr.isatty()  # tqdm on a terminal; progress lines elsewhere
+    log = MetricsLog(output_dir / "metrics.jsonl", cfg, start_iteration, progress=not bar) if main else None
 
     held_out_before = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
     if start_iteration == 0 and log:
         log.log({"iteration": 0, "held_out": held_out_before})
 
-    for iteration in iterations_bar(start_iteration, cfg.max_iterations, cfg.progress_bar and main):
+    for iteration in iterations_bar(start_iteration, cfg.max_iterations, bar):
         timer = SectionTimer(dev)
         t0 = time.perf_counter()
         steps = sde_window(cfg, window, iteration)
