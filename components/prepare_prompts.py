@@ -57,6 +57,9 @@ def prepare_prompts(
             Path(validation_report.path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(report_dir / "report.md", validation_report.path)
         shutil.rmtree(report_dir, ignore_errors=True)
+    from mixgrpo.console import say
+
+    say(f"{out.n_train} train / {out.n_test} held-out prompts, data set hash {out.dataset_hash[:12]}")
     prompt_set.uri = out.uri
     prompt_set.metadata.update({"dataset_hash": out.dataset_hash, "n_train": out.n_train, "n_test": out.n_test})
     outputs = namedtuple("PreparedPrompts", ["prompts_uri", "dataset_hash", "n_train", "n_test"])

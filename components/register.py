@@ -57,6 +57,8 @@ def register(
         pipeline_run_id=pipeline_run_id, metrics=json.loads(metrics_json), eval_uri=eval_uri, metrics_uri=metrics_uri,
         git_sha=git_sha, config_hash=config_hash, dataset_hash=dataset_hash, params=json.loads(config_json),
         gate_metric=gate_metric, mlflow_run_id=mlflow_run_id)
-    print(f"registered {model_name} version {out.version} (aliases {list(out.aliases)}), MLflow run {out.mlflow_run_id}")
+    from mixgrpo.console import say
+
+    say(f"registered {model_name} version {out.version} (aliases {list(out.aliases)}), MLflow run {out.mlflow_run_id}")
     outputs = namedtuple("Registered", ["version", "mlflow_run_id"])
     return outputs(out.version, out.mlflow_run_id)

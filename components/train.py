@@ -100,6 +100,10 @@ def train(
                          kubernetes={"namespace": train_namespace, "queue": kueue_queue,
                                      "timeout_s": train_timeout_hours * 3600},
                          tracking_uri=mlflow_tracking_uri, experiment=mlflow_experiment, git_sha=git_sha)
+    from mixgrpo.console import say
+
+    say(f"{out.iterations} iterations, weights {out.weights_uri}"
+        + (f", MLflow run {out.mlflow_run_id}" if out.mlflow_run_id else ""))
     tuned_model.uri = out.weights_uri
     tuned_model.metadata.update({"iterations": out.iterations, "config_hash": out.config_hash, "mode": mode,
                                  "mlflow_run_id": out.mlflow_run_id})

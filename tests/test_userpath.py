@@ -25,7 +25,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code = cli.main(["train", f"model.path={base}", f"output_dir={out}", "max_iterations=2", "sampling.num_steps=6",
                      "window.size=2", "sampling.group_size=2", "prompts_per_iteration=1", "optim.train_batch_size=2",
                      "eval_images_per_prompt=2", "checkpoint_every=0", "progress_bar=false",
-                     "rewards.names=[toy_object_color,toy_background]", "rewards.held_out=[toy_heldout_realism]"])
+                     "rewards.names=[toy_object_color,toy_background]", "rewards.held_out=[toy_heldout_realism]",
+                     f"mlflow_tracking_uri=sqlite:///{root / 'mlflow.db'}", "mlflow_experiment=userpath", "eval_every=1"])
     assert code == 0
     return out
 
@@ -83,3 +84,192 @@ def test_sample_errors_name_the_source(trained: Path, tmp_path: Path, capsys: py
     assert "holds no model" in capsys.readouterr().err
     assert sample(["--model", str(trained / "final"), "--seeds", "a-b"]) == 2
     assert "--seeds 'a-b'" in capsys.readouterr().err
+
+
+def test_training_logs_every_iteration_to_mlflow_while_it_runs(trained: Path) -> None:
+    from mlflow import MlflowClient
+
+    tracking = f"sqlite:///{trained.parent / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("userpath").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim/lr"] and run.data.params["git_sha"] and run.data.params["max_iterations"] == "2"
+    history = client.get_metric_history(run.info.run_id, "train/reward/toy_object_color")
+    assert [m.step for m in history] == [1, 2]
+    held = client.get_metric_history(run.info.run_id, "eval/held_out/toy_heldout_realism")
+    assert sorted(m.step for m in held) == [0, 1, 2, 2]  # before training, after iteration 1, 2 (eval) and final
+    assert [m.timestamp for m in sorted(held, key=lambda m: m.timestamp)] == sorted(m.timestamp for m in held)
+    assert held[-1].timestamp > held[0].timestamp  # logged as training went, not in one batch at the end
+    metrics = (trained / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 1 + 2 + 1
+
+
+def test_mlflow_metric_names_are_slash_separated() -> None:
+    from mixgrpo.train import mlflow_metrics
+
+    record = {"iteration": 3, "rewards": {"toy_shape": {"mean": 0.5, "std": 0.1}}, "held_out": {"toy_shape": 0.4},
+              "approx_kl": 0.01, "seconds": {"total": 1.5}, "final": True, "loss": float("nan")}
+    assert mlflow_metrics(record) == {"train/reward/toy_shape": 0.5, "train/reward_std/toy_shape": 0.1,
+                                      "eval/held_out/toy_shape": 0.4, "train/approx_kl": 0.01, "train/seconds/total": 1.5}
+
+
+def test_progress_lines_and_the_step_console(tmp_path: Path) -> None:
+    import io
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from mixgrpo.console import CONSOLE_MARK, duration, progress_line
+    from pipelines.local import StepConsole
+
+    assert (duration(75), duration(3700), duration(5)) == ("1m15s", "1h01m", "5s")
+    line = progress_line({"iteration": 20, "rewards": {"toy_shape": {"mean": 0.3314}}, "approx_kl": 0.0012}, 80, 2.0)
+    assert line == "iter 20/80  toy_shape 0.331  kl 0.0012  2.00 s/it  ETA 2m00s"
+    screen = io.StringIO()
+    with StepConsole(tmp_path / "logs", echo=screen):
+        print("12:00:00.000 - INFO - Executing task \x1b[96m'train'\x1b[0m")
+        print('    {"executor": "input json noise"}')
+        print(f"    {CONSOLE_MARK}iter 1/2  toy_shape 0.300")
+        print(f"    {CONSOLE_MARK}2 iterations, weights file:///w")
+        print("12:00:01.000 - INFO - Task \x1b[96m'train'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m")
+        print("Executing task 'evaluate'")
+        print("Traceback: boom")
+        print("Task 'evaluate' finished with status FAILURE")
+    shown = screen.getvalue().splitlines()
+    assert shown[0] == "     train: iter 1/2  toy_shape 0.300"
+    assert shown[1].startswith("ok   train") and shown[1].endswith("2 iterations, weights file:///w")
+    assert shown[2].startswith("FAIL evaluate") and "     | Traceback: boom" in shown
+    assert "input json noise" not in screen.getvalue()
+    assert "input json noise" in (tmp_path / "logs" / "train.log").read_text()
+    assert "Traceback: boom" in (tmp_path / "logs" / "evaluate.log").read_text()
+    assert "input json noise" in (tmp_path / "logs" / "pipeline.log").read_text()
+
+
+# --------------------------------------------------------------------------- FLUX: sample and the README's diffusers snippet
+
+
+def readme_block(language: str, containing: str) -> str:
+    """The README's first ```language block that contains ``containing``."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for block in re.findall(rf"```{language}\n(.*?)```", text, flags=re.S):
+        if containing in block:
+            return block
+    raise AssertionError(f"README.md has no ```{language} block with {containing!r}")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_flux_weights_sample_and_load_with_plain_diffusers(tmp_path: Path, lora: bool) -> None:
+    """What the trainer writes for FLUX (full or LoRA + mixgrpo_model.json) samples with `mixgrpo sample`
+    and loads with the README's FluxPipeline snippet."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_flux import save_tiny_flux
+
+    from mixgrpo.config import load_config
+    from mixgrpo.model_card import write_model_files
+    from mixgrpo.models.flux import FluxFlowModel, FluxSettings
+
+    base = save_tiny_flux(tmp_path / "flux-base")
+    sizes = {"model.height": 64, "model.width": 64, "model.max_sequence_length": 16}
+    cfg = load_config(overrides={"model.kind": "flux", "model.path": str(base), "model.lora_rank": 2 if lora else 0,
+                                 **sizes, "rewards.names": ["toy_background"], "rewards.held_out": []})
+    model = FluxFlowModel.from_pretrained(base, FluxSettings(height=64, width=64, max_sequence_length=16,
+                                                             lora_rank=2 if lora else 0))
+    with torch.no_grad():  # move the weights so tuned != base
+        for p in model.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    final = model.save_pretrained(tmp_path / "final")
+    write_model_files(final, cfg, {"toy_background": 0.5}, {"toy_background": 0.6})
+    info = json.loads((final / "mixgrpo_model.json").read_text())
+    assert info["base_model"] == str(base) and info["weights"] == ("lora" if lora else "transformer")
+    assert "FLUX.1 [dev] Non-Commercial License" in (final / "README.md").read_text()
+
+    assert sample(["--model", str(final), "--prompt", "a red cat", "--seeds", "0", "--out-dir", str(tmp_path / "s")]) == 0
+    assert Image.open(tmp_path / "s" / "p000_s0.png").size == (64, 64)
+
+    snippet = readme_block("python", "FluxPipeline.from_pretrained")
+    snippet = (snippet.replace('"black-forest-labs/FLUX.1-dev"', repr(str(base)))
+               .replace('"final/transformer"', repr(str(final / "transformer")))
+               .replace('"final"', repr(str(final))).replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32")
+               .replace("num_inference_steps=25", "num_inference_steps=2, height=64, width=64, max_sequence_length=16"))
+    if lora:  # the README's LoRA variant: its commented line instead of the transformer swap
+        snippet = "\n".join(line.replace("# pipe.load_lora_weights", "pipe.load_lora_weights")
+                            for line in snippet.splitlines() if "FluxTransformer2DModel.from_pretrained" not in line)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    pipe = scope["pipe"]
+    tuned_params = dict(model.module.named_parameters())
+    if lora:
+        import re
+
+        loaded = {re.sub(r"\.default_\d+\.", ".default.", n): p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
+        assert len(loaded) == len([n for n in tuned_params if "lora_" in n])
+        assert all(torch.allclose(p, tuned_params[n]) for n, p in loaded.items())
+    else:
+        assert all(torch.equal(p, tuned_params[n]) for n, p in pipe.transformer.named_parameters())
+    assert scope["image"].size == (64, 64)
+
+
+# --------------------------------------------------------------------------- the README's commands
+
+
+def readme_commands() -> list[str]:
+    """Every `mixgrpo ...` line of the README's bash blocks (continuations joined, comments cut), except
+    the one-line summaries of alternatives (`a | b`, `[--flag]`, `...`)."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            command = line[line.find("mixgrpo "):] if "mixgrpo " in line else ""
+            if command and not any(t in command for t in (" | ", "|", "...", "[", "DIR s3://")):
+                out.append(line)
+    return out
+
+
+def test_every_readme_command_parses() -> None:
+    import shlex
+
+    commands = readme_commands()
+    assert len(commands) >= 12
+    parser = cli.build_parser()
+    for line in commands:
+        argv = shlex.split(line[line.find("mixgrpo "):])[1:]
+        args, extra = parser.parse_known_args(argv)
+        assert all("=" in item and not item.startswith("-") for item in extra), (line, extra)
+        assert getattr(args, "func", None), line
+
+
+def test_readme_sample_commands_run(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `mixgrpo sample` lines, as written, on the tiny trained model (paths swapped in)."""
+    import shlex
+
+    from mlflow import MlflowClient
+
+    from mixgrpo.registry import CHAMPION, register_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text(PROMPT + "\na green triangle on a white background\n")
+    db = tmp_path / "runs" / "local" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    tracking = f"sqlite:///{db}"
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    version = register_model(client, "mixgrpo-dit", (trained / "final").as_uri(), pipeline_run_id="run-1")
+    client.set_registered_model_alias("mixgrpo-dit", CHAMPION, version.version)
+    lines = [line for line in readme_commands() if "mixgrpo sample" in line]
+    assert len(lines) >= 4
+    for line in lines:
+        line = line.replace("runs/toy-mixgrpo/final", str(trained / "final")).replace("$PWD", str(tmp_path))
+        env, _, command = line.partition("mixgrpo ")
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for assignment in shlex.split(env):
+            key, value = assignment.split("=", 1)
+            monkeypatch.setenv(key, value)
+        argv = shlex.split(command)
+        assert cli.main([*argv, "sampling.num_steps=6", "--max-prompts", "2"]) == 0, line
+    assert {"grid.png", "champion.png", "v1.png", "samples"} <= {p.name for p in tmp_path.iterdir()}
+    assert len((tmp_path / "samples" / "index.jsonl").read_text().splitlines()) == 2 * 4

@@ -143,6 +143,20 @@ def _cmd_rewards_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from mixgrpo.storage import StorageError, publish_dir
+
+    if not Path(args.directory).is_dir():
+        raise FileNotFoundError(f"{args.directory} is not a directory")
+    try:
+        manifest = publish_dir(args.directory, args.uri)
+    except StorageError as error:
+        print(f"mixgrpo: storage error: {error}", file=sys.stderr)
+        return 1
+    print(f"published {len(manifest.files)} files to {args.uri} (MANIFEST.json last)")
+    return 0
+
+
 def _cmd_run_local(args: argparse.Namespace) -> int:
     from pipelines.local import main as run_local_main  # kfp is imported here, never by the library
 
@@ -239,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", required=True, help="version label, e.g. v2.1")
     p.set_defaults(func=_cmd_rewards_cache)
 
+    p = sub.add_parser("publish", help="copy a local directory (e.g. FLUX.1-dev) to s3:// / file:// with a sha256 "
+                                       "manifest: what model_uri and `sample --model` read")
+    p.add_argument("directory", help="local directory, e.g. a diffusers FLUX.1-dev download")
+    p.add_argument("uri", help="destination prefix, e.g. s3://bucket/models/flux-dev (credentials from AWS_*)")
+    p.set_defaults(func=_cmd_publish)
+
     p = sub.add_parser("run-local", help="the main job: the whole pipeline through kfp.local on the built-in toy model",
                        epilog="defaults: object store runs/local/store (file://), MLflow runs/local/mlflow.db (sqlite)")
     p.add_argument("--store", help="object-store root, e.g. s3://bucket/prefix (credentials from AWS_* variables)")
@@ -246,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="training iterations (pipeline default: 40)")
     p.add_argument("--gate-margin", type=float, help="the new version must beat the champion by more than this")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="any pipeline parameter (repeatable)")
+    p.add_argument("--json", action="store_true", help="after the table, print one JSON object on the last line")
     p.set_defaults(func=_cmd_run_local)
 
     pipe = sub.add_parser("pipeline", help="compile the pipeline, submit / schedule it on Kubeflow Pipelines")

@@ -95,7 +95,8 @@ def load_policy(directory: Path, cfg, device: torch.device, source: str = ""):  
     elif info is not None:
         cfg.model.kind, cfg.model.path = info["model_kind"], info["base_model"]
         if info["model_kind"] == "flux":
-            for key in ("lora_rank", "lora_alpha", "lora_target_modules", "height", "width", "guidance"):
+            for key in ("lora_rank", "lora_alpha", "lora_target_modules", "height", "width", "guidance",
+                        "max_sequence_length", "transformer_dtype"):
                 setattr(cfg.model, key, info["config"]["model"][key])
             cfg.model.lora_rank = 0  # the LoRA weights are loaded as saved, not created fresh
         policy = load_tuned_policy(cfg, directory, device)
