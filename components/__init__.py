@@ -7,9 +7,10 @@ in the container); the logic lives in :mod:`mixgrpo.pipeline_steps` and the modu
 from components.cache_rewards import cache_rewards
 from components.evaluate import evaluate
 from components.gate import gate
+from components.hash_prompts import hash_prompts
 from components.prepare_prompts import prepare_prompts
 from components.promote import promote
 from components.register import register
 from components.train import train
 
-__all__ = ["prepare_prompts", "cache_rewards", "train", "evaluate", "register", "gate", "promote"]
+__all__ = ["hash_prompts", "prepare_prompts", "cache_rewards", "train", "evaluate", "register", "gate", "promote"]

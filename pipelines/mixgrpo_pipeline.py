@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 
-from components import cache_rewards, evaluate, gate, prepare_prompts, promote, register, train
+from components import cache_rewards, evaluate, gate, hash_prompts, prepare_prompts, promote, register, train
 
 PIPELINE_NAME = "mixgrpo"
 S3_SECRET = "mixgrpo-s3"  # = mixgrpo.launcher.S3_SECRET (manifests/secrets/s3.template.yaml)
@@ -121,8 +121,13 @@ def mixgrpo_pipeline(
     """
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
+    hashed = hash_prompts(prompt_uri=prompt_uri)
+    hashed.set_display_name("Hash the prompt source").set_caching_options(False).set_retry(**S3_RETRY)
+    _secret_env(hashed)
+
+    # Cached on the source's content hash and the settings (its output prefix is named by them too).
     prepared = prepare_prompts(
-        prompt_uri=prompt_uri, object_store_uri=object_store_uri, pipeline_run_id=run_id, column=prompt_column,
+        prompt_uri=prompt_uri, object_store_uri=object_store_uri, source_hash=hashed.output, column=prompt_column,
         test_fraction=test_fraction, min_prompts=min_prompts, seed=seed, model_uri=model_uri, model_kind=model_kind)
     prepared.set_display_name("Prepare prompts").set_retry(**S3_RETRY)
     _secret_env(prepared)

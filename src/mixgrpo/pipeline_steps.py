@@ -152,6 +152,27 @@ def toy_prompt_file() -> Path:
     return path
 
 
+def prompt_source_hash(prompt_uri: str) -> str:
+    """sha256 of the prompt source's bytes ("" = the toy world's prompt file): what prepare-prompts is keyed on."""
+    import hashlib
+
+    from mixgrpo.data import _read_bytes
+
+    return hashlib.sha256(_read_bytes(prompt_uri.strip() or str(toy_prompt_file()))).hexdigest()
+
+
+def prepared_prompts_uri(root: str, source_hash: str, **settings: Any) -> str:
+    """``{root}/prompts/{key}``, ``key = sha256(source hash + settings)[:16]``: the same data prepared the same
+    way goes to the same prefix, so a cached prepare-prompts output still points at its data."""
+    import hashlib
+
+    if not re.fullmatch(r"[0-9a-f]{64}", source_hash or ""):
+        raise StepError(f"source_hash {source_hash!r}: expected the sha256 hex digest from hash-prompts")
+    RunLayout(root, "prompts")  # checks the root's scheme
+    key = hashlib.sha256(json.dumps({"source": source_hash, **settings}, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{root.rstrip('/')}/prompts/{key}"
+
+
 def prepare_step(prompt_uri: str, output_uri: str, report_dir: str | Path, *, column: str = "",
                  test_fraction: float = 0.2, min_prompts: int = 16, seed: int = 0,
                  model_uri: str = "", model_kind: str = "toy") -> PrepareOutput:
