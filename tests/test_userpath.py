@@ -123,7 +123,7 @@ def test_progress_lines_and_the_step_console(tmp_path: Path) -> None:
 
     assert (duration(75), duration(3700), duration(5)) == ("1m15s", "1h01m", "5s")
     line = progress_line({"iteration": 20, "rewards": {"toy_shape": {"mean": 0.3314}}, "approx_kl": 0.0012}, 80, 2.0)
-    assert line == "iter 20/80  toy_shape 0.331  kl 0.0012  2.00 s/it  ETA 2m00s"
+    assert line == "iter 20/80  shape 0.331  kl 1.2e-03  2.00 s/it  ETA 2m00s"
     screen = io.StringIO()
     with StepConsole(tmp_path / "logs", echo=screen):
         print("12:00:00.000 - INFO - Executing task \x1b[96m'train'\x1b[0m")
@@ -273,3 +273,36 @@ def test_readme_sample_commands_run(trained: Path, tmp_path: Path, monkeypatch: 
         assert cli.main([*argv, "sampling.num_steps=6", "--max-prompts", "2"]) == 0, line
     assert {"grid.png", "champion.png", "v1.png", "samples"} <= {p.name for p in tmp_path.iterdir()}
     assert len((tmp_path / "samples" / "index.jsonl").read_text().splitlines()) == 2 * 4
+
+
+def test_run_local_json_summary(trained: Path, tmp_path: Path) -> None:
+    """`run-local --json`'s object (issue 10.5) from a real evaluation of the tiny trained model."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from mixgrpo.config import load_config
+    from mixgrpo.evaluate import evaluate
+    from pipelines.local import LocalRunResult, summary, summary_json
+
+    cfg = load_config(str(trained / "config.yaml"))
+    result = evaluate(cfg, trained / "final", tmp_path / "eval", prompts=[PROMPT, "a green triangle on a white background"],
+                      images_per_prompt=4)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    run = LocalRunResult("file:///w/final", "3", ["challenger"], "1", "file:///w/eval", tmp_path / "eval", metrics, 12.0,
+                         {"mlflow_tracking_uri": "sqlite:///m.db"}, tmp_path / "logs")
+    out = json.loads(json.dumps(summary_json(run)))
+    assert set(out) == {"weights_uri", "model_name", "model_version", "aliases", "report", "rewards", "combined", "diversity"}
+    assert (out["model_name"], out["model_version"], out["aliases"]) == ("mixgrpo-dit", "3", ["challenger"])
+    assert {n: r["kind"] for n, r in out["rewards"].items()} == {
+        "toy_object_color": "optimised", "toy_background": "optimised", "toy_heldout_realism": "held_out"}
+    for name, reward in out["rewards"].items():
+        assert reward["delta"] == pytest.approx(reward["tuned"] - reward["base"])
+        assert reward["delta_ci95"][0] <= reward["delta"] <= reward["delta_ci95"][1]
+    c = out["combined"]
+    assert c["base"] == pytest.approx((out["rewards"]["toy_object_color"]["base"] + out["rewards"]["toy_background"]["base"]) / 2)
+    assert c["gap_closed"] == pytest.approx((c["tuned"] - c["base"]) / (1.0 - c["base"]))
+    assert out["diversity"] == {"base": result.base["heldout_diversity"], "tuned": result.tuned["heldout_diversity"]}
+    text = summary(run)
+    assert "delta 95% CI" in text and "mixgrpo sample --model file:///w/final" in text and str(tmp_path / "logs") in text
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "**" not in html and html.count("<img") == 2 * 2 * 4 + (1 if (tmp_path / "eval" / "rewards.png").is_file() else 0)

@@ -34,11 +34,16 @@ def progress_every(total: int, lines: int = 8) -> int:
     return max(1, -(-total // lines))
 
 
+def short_name(name: str) -> str:
+    """``toy_object_color`` -> ``object_color``, ``heldout_diversity`` -> ``diversity``: names on one line."""
+    return name.removeprefix("toy_").removeprefix("heldout_")
+
+
 def progress_line(record: dict, total: int, seconds_per_iteration: float) -> str:
     """The progress line of one training record (see the module docstring)."""
     done = int(record["iteration"])
-    rewards = "  ".join(f"{name} {stats['mean']:.3f}" for name, stats in record.get("rewards", {}).items())
+    rewards = "  ".join(f"{short_name(name)} {stats['mean']:.3f}" for name, stats in record.get("rewards", {}).items())
     held = record.get("held_out")
-    held_text = ("  | held-out " + "  ".join(f"{k} {v:.3f}" for k, v in held.items())) if held else ""
-    return (f"iter {done}/{total}  {rewards}  kl {record.get('approx_kl', float('nan')):.4f}  "
+    held_text = ("  | held-out " + " ".join(f"{short_name(k)} {v:.3f}" for k, v in held.items())) if held else ""
+    return (f"iter {done}/{total}  {rewards}  kl {record.get('approx_kl', float('nan')):.1e}  "
             f"{seconds_per_iteration:.2f} s/it  ETA {duration(seconds_per_iteration * (total - done))}{held_text}")
