@@ -306,3 +306,39 @@ def test_run_local_json_summary(trained: Path, tmp_path: Path) -> None:
     assert "delta 95% CI" in text and "mixgrpo sample --model file:///w/final" in text and str(tmp_path / "logs") in text
     html = (tmp_path / "eval" / "report.html").read_text()
     assert "**" not in html and html.count("<img") == 2 * 2 * 4 + (1 if (tmp_path / "eval" / "rewards.png").is_file() else 0)
+
+
+def test_register_attaches_to_the_training_run_and_tags_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The train step's MLflow run gets the evaluation; the version links to it; its tags are provenance."""
+    from mlflow import MlflowClient
+
+    from mixgrpo import pipeline_steps as steps
+    from mixgrpo.storage import publish_dir
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    layout = steps.RunLayout((tmp_path / "store").as_uri(), "run-9")
+    run_id = steps.start_tracking(uri, "e", "run-9", git_sha="abc123")
+    assert run_id and steps.start_tracking(uri, "e", "run-9") == run_id  # a retried train step: the same run
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert steps.start_tracking("", "e", "run-9") == ""  # no tracking configured: training runs untracked
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.log_metric(run_id, "train/reward/toy_shape", 0.3, step=1)  # what the trainer logs live
+    for sub, name in (("weights", "transformer/config.json"), ("eval", "metrics.json")):
+        (tmp_path / sub / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / name).write_text("{}")
+    publish_dir(tmp_path / "weights", layout.weights)
+    publish_dir(tmp_path / "eval", layout.eval)
+    params = steps.train_overrides(mode="mixgrpo", iterations=12, learning_rate=5e-5)
+    out = steps.register_step(tracking_uri=uri, model_name="m", experiment="e", weights_uri=layout.weights,
+                              pipeline_run_id="run-9", metrics={steps.GATE_METRIC: 0.7, "toy_shape": 0.4},
+                              eval_uri=layout.eval, metrics_uri=layout.train_metrics, git_sha="abc123",
+                              params=params, mlflow_run_id=run_id)
+    assert out.mlflow_run_id == run_id
+    run = client.get_run(run_id)
+    assert run.data.metrics["eval/toy_shape"] == 0.4 and run.data.metrics["train/reward/toy_shape"] == 0.3
+    assert run.info.status == "FINISHED" and run.data.tags["git_sha"] == "abc123"
+    version = client.get_model_version("m", out.version)
+    assert version.run_id == run_id
+    assert [k for k in version.tags if k.startswith("metric.")] == [f"metric.{steps.GATE_METRIC}"]
+    assert {"mode": "mixgrpo", "iterations": "12", "learning_rate": "5e-05", "base_model": "built-in toy base model",
+            "git_sha": "abc123", "pipeline_run_id": "run-9"}.items() <= version.tags.items()

@@ -183,6 +183,7 @@ def prepare_step(prompt_uri: str, output_uri: str, report_dir: str | Path, *, co
     """
     from mixgrpo.data import prepare_prompts
 
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # one INFO line per registered function
     source = prompt_uri.strip() or str(toy_prompt_file())
     prepared = prepare_prompts(source, output_uri, report_dir=report_dir, column=column or None,
                                test_fraction=test_fraction, min_rows=min_prompts, seed=seed)
