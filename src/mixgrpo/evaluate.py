@@ -321,12 +321,12 @@ def write_report(out: str | Path, provenance: dict[str, Any] | None = None) -> N
         "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}"
         "tr.combined{font-weight:bold;background:#eef5ff}tr.held_out td:nth-child(2){color:#7a4b00}"
         ".neg{color:#b00020}.pos{color:#0a6b2b}.warn{background:#fff3cd;border:1px solid #e0b100;padding:6px 10px;margin:4px 0}"
-        ".plot{max-width:100%}.gallery td{vertical-align:top;text-align:center;font-size:10px;border:none;padding:2px}"
+        ".prov td{text-align:left;font-family:monospace}.plot{max-width:100%}.gallery td{vertical-align:top;text-align:center;font-size:10px;border:none;padding:2px}"
         ".gallery img{width:96px;height:96px;image-rendering:pixelated;display:block}"
         ".gallery .prompt{text-align:left;font-size:12px;max-width:180px}.gallery .sep{border-left:2px solid #888}"
         "</style></head><body>"
         f"<h2>Evaluation: base vs tuned</h2><p>{esc(intro)}</p>{warn}"
-        f"<h3>Provenance</h3><table>{prov_rows}</table>"
+        f"<h3>Provenance</h3><table class='prov'>{prov_rows}</table>"
         "<h3>Rewards</h3><table><tr><th>measure</th><th>kind</th><th>base</th><th>tuned</th><th>delta</th>"
         f"<th>delta 95% CI</th></tr>{rows}</table>{gap_text}{plots}"
         f"<h3>Every held-out prompt (left: base, right: tuned, same seeds)</h3>{_gallery(out, result)}</body></html>")
@@ -344,7 +344,8 @@ def _gallery(out: Path, result: EvalResult) -> str:
         cells = []
         for model in ("base", "tuned"):
             for i, r in enumerate(by_prompt[p].get(model, [])):
-                scores = "<br>".join(f"{html.escape(short.get(n, n))} {v:.2f}" for n, v in r["scores"].items())
+                scores = "<br>".join(f"{html.escape(short.get(n, n))} {v + 0.0:.2f}".replace("-0.00", "0.00")
+                                     for n, v in r["scores"].items())
                 cells.append(f"<td class='{'sep' if model == 'tuned' and i == 0 else ''}'>"
                              f"<img src='data:image/png;base64,{_b64(out / r['file'])}' title='{model} seed {r['seed']}'>"
                              f"<b>{model} s{r['seed']}: {r['combined']:.2f}</b><br>{scores}</td>")
