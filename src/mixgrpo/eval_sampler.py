@@ -17,8 +17,6 @@ from mixgrpo.models.base import FlowModel
 from mixgrpo.rewards.base import Reward
 from mixgrpo.sampling import flow_sigmas, mixed_rollout
 
-MIN_EVAL_SEEDS = 4
-"""Held-out evaluations use at least this many seeds per prompt (a per-prompt spread needs several)."""
 DIVERSITY = "heldout_diversity"
 """Name of the never-optimised seed-diversity measure (pixel std across the seeds of a prompt)."""
 
