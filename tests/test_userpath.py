@@ -244,35 +244,62 @@ def test_every_readme_command_parses() -> None:
         assert getattr(args, "func", None), line
 
 
-def test_readme_sample_commands_run(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's `mixgrpo sample` lines, as written, on the tiny trained model (paths swapped in)."""
+RUNNABLE = ("train", "config", "evaluate", "sample", "publish", "rewards list", "pipeline compile")
+"""README subcommands run by the test below; bench / launch / run-local / toy pretrain / submit have their own
+tests (minutes each, or a cluster) and are only parsed here."""
+
+
+def test_readme_commands_run_on_tiny_settings(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's train / config / evaluate / sample / publish lines, as written, in order, on a tiny
+    toy base (tiny-size overrides appended, s3:// swapped for file://)."""
     import shlex
 
     from mlflow import MlflowClient
 
     from mixgrpo.registry import CHAMPION, register_model
 
+    repo = Path(__file__).resolve().parent.parent
+    base = json.loads((trained / "final" / "mixgrpo_model.json").read_text())["config"]["model"]["path"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.txt").write_text(PROMPT + "\na green triangle on a white background\n")
+    (tmp_path / "flux-dev").mkdir()  # stands in for the FLUX download in the publish line
+    (tmp_path / "flux-dev" / "model_index.json").write_text("{}")
     db = tmp_path / "runs" / "local" / "mlflow.db"
     db.parent.mkdir(parents=True)
     tracking = f"sqlite:///{db}"
     client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     version = register_model(client, "mixgrpo-dit", (trained / "final").as_uri(), pipeline_run_id="run-1")
     client.set_registered_model_alias("mixgrpo-dit", CHAMPION, version.version)
-    lines = [line for line in readme_commands() if "mixgrpo sample" in line]
-    assert len(lines) >= 4
-    for line in lines:
-        line = line.replace("runs/toy-mixgrpo/final", str(trained / "final")).replace("$PWD", str(tmp_path))
+    tiny = ["sampling.num_steps=6", f"eval_prompts={tmp_path / 'prompts.txt'}"]
+    tiny_train = [f"model.path={base}", "window.size=2", "sampling.group_size=2", "prompts_per_iteration=1",
+                  "optim.train_batch_size=2", "max_iterations=1", "eval_images_per_prompt=2", "eval_every=0",
+                  "checkpoint_every=1", "progress_bar=false"]
+    ran = []
+    for line in readme_commands():
         env, _, command = line.partition("mixgrpo ")
+        if not command.startswith(RUNNABLE) or "pipeline submit" in command:
+            continue
+        command = (command.replace("configs/toy.yaml", str(repo / "configs" / "toy.yaml")).replace("$PWD", str(tmp_path))
+                   .replace("s3://bucket/", (tmp_path / "bucket").as_uri() + "/"))
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
         for assignment in shlex.split(env):
             key, value = assignment.split("=", 1)
-            monkeypatch.setenv(key, value)
+            monkeypatch.setenv(key, value.replace("$PWD", str(tmp_path)))
         argv = shlex.split(command)
-        assert cli.main([*argv, "sampling.num_steps=6", "--max-prompts", "2"]) == 0, line
+        if argv[0] in ("train", "config", "evaluate"):
+            argv += tiny + tiny_train
+        elif argv[0] == "sample":
+            argv += [*tiny, "--max-prompts", "2"]
+        elif argv[:2] == ["pipeline", "compile"]:
+            argv += ["--output", str(tmp_path / "pipeline.yaml")]
+        assert cli.main(argv) == 0, line
+        ran.append(argv[0])
+    assert {"train", "config", "evaluate", "sample", "publish"} <= set(ran) and ran.count("sample") >= 5
+    assert (tmp_path / "runs" / "toy-mixgrpo" / "final" / "mixgrpo_model.json").is_file()
+    assert (tmp_path / "runs" / "toy-mixgrpo" / "eval" / "report.html").is_file()
     assert {"grid.png", "champion.png", "v1.png", "samples"} <= {p.name for p in tmp_path.iterdir()}
     assert len((tmp_path / "samples" / "index.jsonl").read_text().splitlines()) == 2 * 4
+    assert (tmp_path / "bucket" / "models" / "flux-dev" / "MANIFEST.json").is_file()
 
 
 def test_run_local_json_summary(trained: Path, tmp_path: Path) -> None:
