@@ -369,3 +369,20 @@ def test_register_attaches_to_the_training_run_and_tags_provenance(tmp_path: Pat
     assert [k for k in version.tags if k.startswith("metric.")] == [f"metric.{steps.GATE_METRIC}"]
     assert {"mode": "mixgrpo", "iterations": "12", "learning_rate": "5e-05", "base_model": "built-in toy base model",
             "git_sha": "abc123", "pipeline_run_id": "run-9"}.items() <= version.tags.items()
+
+
+@pytest.mark.integration
+def test_sample_from_s3(trained: Path, tmp_path: Path, s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model s3://...` (a real S3 server): fetched into the cache, checked, the same images as the directory."""
+    from mixgrpo.storage import publish_dir
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MIXGRPO_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{s3_server.bucket}/userpath/final"
+    publish_dir(trained / "final", uri)
+    assert sample(["--model", uri, "--prompt", PROMPT, "--seeds", "1", "--out-dir", str(tmp_path / "s3")]) == 0
+    assert sample(["--model", str(trained / "final"), "--prompt", PROMPT, "--seeds", "1", "--out-dir", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "s3" / "p000_s1.png").read_bytes() == (tmp_path / "d" / "p000_s1.png").read_bytes()
+    assert any((tmp_path / "cache" / "models").iterdir())
+    assert sample(["--model", f"s3://{s3_server.bucket}/userpath/absent"]) == 2
