@@ -145,7 +145,7 @@ class StepConsole:
         stripped = plain.strip()
         if stripped.startswith(CONSOLE_MARK):
             text = stripped[len(CONSOLE_MARK):]
-            if text.startswith("iter "):
+            if text.startswith(("iter ", "held-out ")):  # the trainer's progress: shown as it comes
                 self._say(f"     {self.step}: {text}")
             else:
                 self.summary = text

@@ -124,11 +124,14 @@ def test_progress_lines_and_the_step_console(tmp_path: Path) -> None:
     assert (duration(75), duration(3700), duration(5)) == ("1m15s", "1h01m", "5s")
     line = progress_line({"iteration": 20, "rewards": {"toy_shape": {"mean": 0.3314}}, "approx_kl": 0.0012}, 80, 2.0)
     assert line == "iter 20/80  shape 0.331  kl 1.2e-03  2.00 s/it  ETA 2m00s"
+    held = progress_line({"iteration": 20, "rewards": {}, "held_out": {"heldout_diversity": 0.05}}, 80, 1.0)
+    assert held.endswith("| held-out diversity 0.050")
     screen = io.StringIO()
     with StepConsole(tmp_path / "logs", echo=screen):
         print("12:00:00.000 - INFO - Executing task \x1b[96m'train'\x1b[0m")
         print('    {"executor": "input json noise"}')
         print(f"    {CONSOLE_MARK}iter 1/2  toy_shape 0.300")
+        print(f"    {CONSOLE_MARK}held-out shape 0.310")
         print(f"    {CONSOLE_MARK}2 iterations, weights file:///w")
         print("12:00:01.000 - INFO - Task \x1b[96m'train'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m")
         print("Executing task 'evaluate'")
@@ -136,8 +139,9 @@ def test_progress_lines_and_the_step_console(tmp_path: Path) -> None:
         print("Task 'evaluate' finished with status FAILURE")
     shown = screen.getvalue().splitlines()
     assert shown[0] == "     train: iter 1/2  toy_shape 0.300"
-    assert shown[1].startswith("ok   train") and shown[1].endswith("2 iterations, weights file:///w")
-    assert shown[2].startswith("FAIL evaluate") and "     | Traceback: boom" in shown
+    assert shown[1] == "     train: held-out shape 0.310"
+    assert shown[2].startswith("ok   train") and shown[2].endswith("2 iterations, weights file:///w")
+    assert shown[3].startswith("FAIL evaluate") and "     | Traceback: boom" in shown
     assert "input json noise" not in screen.getvalue()
     assert "input json noise" in (tmp_path / "logs" / "train.log").read_text()
     assert "Traceback: boom" in (tmp_path / "logs" / "evaluate.log").read_text()

@@ -39,11 +39,16 @@ def short_name(name: str) -> str:
     return name.removeprefix("toy_").removeprefix("heldout_")
 
 
+def held_out_line(held_out: dict[str, float]) -> str:
+    """``held-out object_color 0.912 shape 0.307 ...``: the latest held-out evaluation on one line."""
+    return "held-out " + " ".join(f"{short_name(k)} {v:.3f}" for k, v in held_out.items())
+
+
 def progress_line(record: dict, total: int, seconds_per_iteration: float) -> str:
     """The progress line of one training record (see the module docstring)."""
     done = int(record["iteration"])
     rewards = "  ".join(f"{short_name(name)} {stats['mean']:.3f}" for name, stats in record.get("rewards", {}).items())
     held = record.get("held_out")
-    held_text = ("  | held-out " + " ".join(f"{short_name(k)} {v:.3f}" for k, v in held.items())) if held else ""
+    held_text = f"  | {held_out_line(held)}" if held else ""
     return (f"iter {done}/{total}  {rewards}  kl {record.get('approx_kl', float('nan')):.1e}  "
             f"{seconds_per_iteration:.2f} s/it  ETA {duration(seconds_per_iteration * (total - done))}{held_text}")

@@ -493,6 +493,10 @@ class MetricsLog:
 
             per_iteration = (time.perf_counter() - self.started) / max(done - self.start_iteration, 1)
             say(progress_line(record, self.total, per_iteration))
+        elif self.every and record.get("final"):
+            from mixgrpo.console import held_out_line, say
+
+            say(held_out_line(record["held_out"]))
 
     def close(self) -> None:
         if self.mlflow is not None:
