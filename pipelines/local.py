@@ -268,7 +268,12 @@ def main(args: Any) -> int:
         params["gate_margin"] = args.gate_margin
     print(f"mixgrpo run-local: store {args.store or default_store()}, MLflow {args.mlflow or default_mlflow()}")
     sys.stdout.flush()
-    result = run_local(args.store, args.mlflow, **params)
+    try:
+        result = run_local(args.store, args.mlflow, **params)
+    except RuntimeError as error:  # kfp.local: "Task 'NAME' finished with status FAILURE"
+        print(f"mixgrpo run-local failed: {_ANSI.sub('', str(error))} (its last lines and log "
+              "file are shown above)", file=sys.stderr)
+        return 1
     print(summary(result))
     if getattr(args, "json", False):
         print(json.dumps(summary_json(result)))
