@@ -51,6 +51,7 @@ TOY_LOCAL_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5, "window_shift_inter
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_START = re.compile(r"Executing task '([^']+)'")
 _TASK_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_ERROR_LINE = re.compile(r"[\w.]*(Error|Exception|Interrupt): ")
 
 
 class StepConsole:
@@ -69,6 +70,7 @@ class StepConsole:
         self.logs, self.echo = logs, echo or sys.__stdout__
         self.step, self.started, self.summary = "pipeline", time.perf_counter(), ""
         self.step_logs: dict[str, Path] = {}
+        self.failed = ""  # the last step that failed
         self.buffer = ""
         self.mark_env = MARK_ENV
 
@@ -90,6 +92,10 @@ class StepConsole:
         import logging
 
         self.flush()
+        if exc[0] is not None and self.failed:
+            log_file = self.step_logs[self.failed]
+            tail = log_file.read_text(encoding="utf-8").splitlines()[-20:]
+            self._say("\n".join("     | " + t for t in tail) + f"\n     full log of {self.failed}: {log_file}")
         sys.stdout, sys.stderr, mark = self.saved
         if mark is None:
             os.environ.pop(self.mark_env, None)
@@ -134,14 +140,17 @@ class StepConsole:
             if self.file is not self.all:
                 self.file.close()
             self.file = path.open("a", encoding="utf-8")
+            self.file.write(plain + "\n")
         elif end := _TASK_END.search(plain):
             seconds = time.perf_counter() - self.started
             ok = end.group(2) == "SUCCESS"
-            self._say(f"{'ok  ' if ok else 'FAIL'} {end.group(1):<16}{seconds:7.1f} s  {self.summary}")
-            if not ok:
+            if not ok:  # one line per failed attempt (KFP may retry); the log's tail once, at the end
                 self.file.flush()
-                tail = self.step_logs[end.group(1)].read_text(encoding="utf-8").splitlines()[-25:]
-                self._say("\n".join("     | " + t for t in tail) + f"\n     full log: {self.step_logs[end.group(1)]}")
+                self.failed = end.group(1)
+                errors = [t.strip() for t in self.step_logs[self.failed].read_text(encoding="utf-8").splitlines()
+                          if _ERROR_LINE.match(t.strip())]
+                self.summary = (errors[-1] if errors else "see its log")[:300]
+            self._say(f"{'ok  ' if ok else 'FAIL'} {end.group(1):<16}{seconds:7.1f} s  {self.summary}")
         stripped = plain.strip()
         if stripped.startswith(CONSOLE_MARK):
             text = stripped[len(CONSOLE_MARK):]

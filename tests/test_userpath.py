@@ -127,24 +127,30 @@ def test_progress_lines_and_the_step_console(tmp_path: Path) -> None:
     held = progress_line({"iteration": 20, "rewards": {}, "held_out": {"heldout_diversity": 0.05}}, 80, 1.0)
     assert held.endswith("| held-out diversity 0.050")
     screen = io.StringIO()
-    with StepConsole(tmp_path / "logs", echo=screen):
+    with pytest.raises(RuntimeError), StepConsole(tmp_path / "logs", echo=screen):
         print("12:00:00.000 - INFO - Executing task \x1b[96m'train'\x1b[0m")
         print('    {"executor": "input json noise"}')
         print(f"    {CONSOLE_MARK}iter 1/2  toy_shape 0.300")
         print(f"    {CONSOLE_MARK}held-out shape 0.310")
         print(f"    {CONSOLE_MARK}2 iterations, weights file:///w")
         print("12:00:01.000 - INFO - Task \x1b[96m'train'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m")
-        print("Executing task 'evaluate'")
-        print("Traceback: boom")
-        print("Task 'evaluate' finished with status FAILURE")
+        for attempt in range(2):  # a retried step
+            print("Executing task 'evaluate'")
+            print("Traceback (most recent call last):")
+            print(f"    mixgrpo.pipeline_steps.StepError: boom {attempt}")
+            print("Task 'evaluate' finished with status FAILURE")
+        raise RuntimeError("Task 'evaluate' finished with status FAILURE")
     shown = screen.getvalue().splitlines()
     assert shown[0] == "     train: iter 1/2  toy_shape 0.300"
     assert shown[1] == "     train: held-out shape 0.310"
     assert shown[2].startswith("ok   train") and shown[2].endswith("2 iterations, weights file:///w")
-    assert shown[3].startswith("FAIL evaluate") and "     | Traceback: boom" in shown
+    assert shown[3].startswith("FAIL evaluate") and shown[3].endswith("mixgrpo.pipeline_steps.StepError: boom 0")
+    assert shown[4].endswith("StepError: boom 1") and shown[5] == "     | Executing task 'evaluate'"
+    assert "     |     mixgrpo.pipeline_steps.StepError: boom 1" in shown  # the failed step's log, once, at the end
+    assert shown[-1] == f"     full log of evaluate: {tmp_path / 'logs' / 'evaluate.log'}"
     assert "input json noise" not in screen.getvalue()
     assert "input json noise" in (tmp_path / "logs" / "train.log").read_text()
-    assert "Traceback: boom" in (tmp_path / "logs" / "evaluate.log").read_text()
+    assert "StepError: boom 1" in (tmp_path / "logs" / "evaluate.log").read_text()
     assert "input json noise" in (tmp_path / "logs" / "pipeline.log").read_text()
 
 
