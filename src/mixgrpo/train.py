@@ -465,28 +465,36 @@ class MetricsLog:
         self.total = cfg.max_iterations
         self.every = progress_every(cfg.max_iterations) if progress else 0
         self.started, self.start_iteration = time.perf_counter(), start_iteration
-        if cfg.mlflow_tracking_uri:
-            import mlflow
+        if cfg.mlflow_tracking_uri:  # a client, not mlflow's process-global fluent state
+            from mlflow import MlflowClient
+            from mlflow.entities import Param
 
             from mixgrpo.pipeline_steps import resolve_git_sha
 
-            mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
+            client = MlflowClient(tracking_uri=cfg.mlflow_tracking_uri)
             if cfg.mlflow_run_id:
-                self.run = mlflow.start_run(run_id=cfg.mlflow_run_id)
+                client.update_run(cfg.mlflow_run_id, status="RUNNING")
+                run = client.get_run(cfg.mlflow_run_id)
             else:
-                mlflow.set_experiment(cfg.mlflow_experiment)
-                self.run = mlflow.start_run(run_name=Path(cfg.output_dir).name)
+                experiment = client.get_experiment_by_name(cfg.mlflow_experiment)
+                experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow_experiment)
+                run = client.create_run(experiment_id, run_name=Path(cfg.output_dir).name)
+            self.run_id = run.info.run_id
             params = {k: str(v)[:250] for k, v in _flat(config_to_dict(cfg)).items()}
             params["git_sha"] = resolve_git_sha() or "unknown"
-            existing = self.run.data.params
-            mlflow.log_params({k: v for k, v in params.items() if k not in existing})  # a resumed run has them
-            self.mlflow = mlflow
+            new = [Param(k, v) for k, v in params.items() if k not in run.data.params]  # a resumed run has them
+            for start in range(0, len(new), 100):  # MLflow's limit per request
+                client.log_batch(self.run_id, params=new[start:start + 100])
+            self.mlflow = client
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.mlflow is not None:
-            self.mlflow.log_metrics(mlflow_metrics(record), step=int(record["iteration"]))
+            from mlflow.entities import Metric
+
+            now, step = int(time.time() * 1000), int(record["iteration"])
+            self.mlflow.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in mlflow_metrics(record).items()])
         done = int(record["iteration"])
         if self.every and "rewards" in record and (done % self.every == 0 or done == self.total):
             from mixgrpo.console import progress_line, say
@@ -500,7 +508,7 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.mlflow is not None:
-            self.mlflow.end_run()
+            self.mlflow.set_terminated(self.run_id, "FINISHED")
 
 
 def _flat(mapping: dict, prefix: str = "") -> dict:
