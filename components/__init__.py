@@ -9,9 +9,10 @@ in the container); the logic lives in :mod:`mixgrpo.pipeline_steps` and the modu
 from mixgrpo_pipelines.components.cache_rewards import cache_rewards
 from mixgrpo_pipelines.components.evaluate import evaluate
 from mixgrpo_pipelines.components.gate import gate
+from mixgrpo_pipelines.components.hash_prompts import hash_prompts
 from mixgrpo_pipelines.components.prepare_prompts import prepare_prompts
 from mixgrpo_pipelines.components.promote import promote
 from mixgrpo_pipelines.components.register import register
 from mixgrpo_pipelines.components.train import train
 
-__all__ = ["prepare_prompts", "cache_rewards", "train", "evaluate", "register", "gate", "promote"]
+__all__ = ["hash_prompts", "prepare_prompts", "cache_rewards", "train", "evaluate", "register", "gate", "promote"]

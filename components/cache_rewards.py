@@ -29,5 +29,9 @@ def cache_rewards(
 
     from mixgrpo.pipeline_steps import RunLayout, cache_rewards_step
 
+    from mixgrpo.console import say
+
     dest = RunLayout(object_store_uri, "cache").rewards
-    return json.dumps(cache_rewards_step(rewards, held_out_rewards, reward_weight_sources, dest, cache_version))
+    options = cache_rewards_step(rewards, held_out_rewards, reward_weight_sources, dest, cache_version)
+    say(f"{len(options)} reward weight sets cached" + (f" under {dest}" if options else " (these rewards need none)"))
+    return json.dumps(options)

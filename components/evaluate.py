@@ -19,7 +19,7 @@ def evaluate(
     metrics: Output[Metrics],
     report_html: Output[HTML],
     report_md: Output[Markdown],
-    images_per_prompt: int = 2,
+    images_per_prompt: int = 4,
     max_prompts: int = 0,
 ) -> NamedTuple("Evaluated", metrics_json=str, eval_uri=str, gate_value=float):
     """Score the base and tuned models on the held-out split with the same seeds; report with the image grid.
@@ -62,5 +62,11 @@ def evaluate(
             Path(artifact.path).write_text(text)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+    from mixgrpo.console import say
+
+    c = result.combined
+    gap = f", {100 * c['gap_closed']:.0f}% of the gap closed" if c.get("gap_closed") is not None else ""
+    say(f"combined {c['base']:.3f} -> {c['tuned']:.3f} (delta CI [{c['delta_ci95'][0]:+.3f}, {c['delta_ci95'][1]:+.3f}]{gap}), "
+        f"{result.prompts} prompts x {result.images_per_prompt} seeds")
     outputs = namedtuple("Evaluated", ["metrics_json", "eval_uri", "gate_value"])
     return outputs(json.dumps(values, sort_keys=True), layout.eval, values[GATE_METRIC])

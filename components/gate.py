@@ -29,5 +29,7 @@ def gate(
 
     decision = gate_step(tracking_uri=mlflow_tracking_uri, model_name=model_name, version=version,
                          gate_metric=gate_metric, gate_margin=gate_margin)
-    print(f"gate for {model_name} version {version}: {'promote' if decision.promote else 'keep'} ({decision.reason})")
+    from mixgrpo.console import say
+
+    say(f"gate for {model_name} version {version}: {'promote' if decision.promote else 'keep'} ({decision.reason})")
     return decision.promote

@@ -3,7 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Markdown, Output
+from kfp.dsl import Dataset, Markdown, Output
 
 from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
 
@@ -12,8 +12,9 @@ from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
 def prepare_prompts(
     prompt_uri: str,
     object_store_uri: str,
-    pipeline_run_id: str,
+    source_hash: str,
     validation_report: Output[Markdown],
+    prompt_set: Output[Dataset],
     column: str = "",
     test_fraction: float = 0.2,
     min_prompts: int = 16,
@@ -26,8 +27,10 @@ def prepare_prompts(
     Args:
         prompt_uri: Prompt file (txt / csv / jsonl / json / parquet), local path, file:// or s3://; "" = the toy world's prompts.
         object_store_uri: Object-store root (s3://BUCKET/PREFIX or file:///DIR); the data set goes to runs/RUN_ID/prompts.
-        pipeline_run_id: The KFP run id (names the run's prefix).
+        source_hash: sha256 of the prompt source (hash-prompts); with the settings it names the data set's prefix
+            OBJECT_STORE/prompts/KEY, so the same data and settings land in the same place and the step's cache can hit.
         validation_report: The validation report (cleaning counts, every expectation, failing rows), also when it fails.
+        prompt_set: The prepared data set as a Dataset artifact whose URI is the published prefix (lineage in the UI).
         column: Prompt column of csv / jsonl / parquet; "" = the first of prompt, caption, text.
         test_fraction: Share of prompts held out for evaluation.
         min_prompts: Fewer prompts after cleaning fail the validation suite.
@@ -43,17 +46,23 @@ def prepare_prompts(
     from collections import namedtuple
     from pathlib import Path
 
-    from mixgrpo.pipeline_steps import RunLayout, prepare_step
+    from mixgrpo.pipeline_steps import prepare_step, prepared_prompts_uri
 
-    layout = RunLayout(object_store_uri, pipeline_run_id)
+    output_uri = prepared_prompts_uri(object_store_uri, source_hash, column=column, test_fraction=test_fraction,
+                                      min_prompts=min_prompts, seed=seed, model_uri=model_uri, model_kind=model_kind)
     report_dir = Path(tempfile.mkdtemp(prefix="prepare-report-"))
     try:
-        out = prepare_step(prompt_uri, layout.prompts, report_dir, column=column, test_fraction=test_fraction,
+        out = prepare_step(prompt_uri, output_uri, report_dir, column=column, test_fraction=test_fraction,
                            min_prompts=min_prompts, seed=seed, model_uri=model_uri, model_kind=model_kind)
     finally:  # the report is an artifact pass or fail
         if (report_dir / "report.md").is_file():
             Path(validation_report.path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(report_dir / "report.md", validation_report.path)
         shutil.rmtree(report_dir, ignore_errors=True)
+    from mixgrpo.console import say
+
+    say(f"{out.n_train} train / {out.n_test} held-out prompts, data set hash {out.dataset_hash[:12]}")
+    prompt_set.uri = out.uri
+    prompt_set.metadata.update({"dataset_hash": out.dataset_hash, "n_train": out.n_train, "n_test": out.n_test})
     outputs = namedtuple("PreparedPrompts", ["prompts_uri", "dataset_hash", "n_train", "n_test"])
     return outputs(out.uri, out.dataset_hash, out.n_train, out.n_test)

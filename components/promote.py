@@ -33,5 +33,7 @@ def promote(
 
     decision = promote_step(tracking_uri=mlflow_tracking_uri, model_name=model_name, version=version,
                             gate_metric=gate_metric, gate_margin=gate_margin)
-    print(f"promotion of {model_name} version {version}: {decision['reason']}")
+    from mixgrpo.console import say
+
+    say(f"promotion of {model_name} version {version}: {decision['reason']}")
     return json.dumps(decision, sort_keys=True)

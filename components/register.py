@@ -22,6 +22,7 @@ def register(
     experiment: str = "mixgrpo",
     git_sha: str = "",
     gate_metric: str = "reward_normalized_mean",
+    mlflow_run_id: str = "",
 ) -> NamedTuple("Registered", version=str, mlflow_run_id=str):
     """Log the run (metrics, reward curves, grid, report) to MLflow and register the weights as a new version.
 
@@ -29,7 +30,7 @@ def register(
 
     Args:
         weights_uri: The tuned weights (the version's source; nothing is copied).
-        metrics_json: Evaluation metrics (become metric.NAME tags).
+        metrics_json: Evaluation metrics (logged to the run; the gate metric also tags the version).
         eval_uri: The published evaluation report (logged as artifacts).
         metrics_uri: The training metrics (reward curves).
         config_json: Training config overrides (logged as parameters).
@@ -41,6 +42,7 @@ def register(
         experiment: MLflow experiment of the run.
         git_sha: Commit of the code (tag); "" = the image's commit.
         gate_metric: Metric the promotion gate compares (checked here: it must be an evaluation metric).
+        mlflow_run_id: The MLflow run training logged into (evaluation attaches to it); "" = log a new run here.
 
     Returns:
         version: the model version (alias challenger); mlflow_run_id: the MLflow run with metrics, curves and report.
@@ -54,7 +56,9 @@ def register(
         tracking_uri=mlflow_tracking_uri, model_name=model_name, experiment=experiment, weights_uri=weights_uri,
         pipeline_run_id=pipeline_run_id, metrics=json.loads(metrics_json), eval_uri=eval_uri, metrics_uri=metrics_uri,
         git_sha=git_sha, config_hash=config_hash, dataset_hash=dataset_hash, params=json.loads(config_json),
-        gate_metric=gate_metric)
-    print(f"registered {model_name} version {out.version} (aliases {list(out.aliases)}), MLflow run {out.mlflow_run_id}")
+        gate_metric=gate_metric, mlflow_run_id=mlflow_run_id)
+    from mixgrpo.console import say
+
+    say(f"registered {model_name} version {out.version} (aliases {list(out.aliases)}), MLflow run {out.mlflow_run_id}")
     outputs = namedtuple("Registered", ["version", "mlflow_run_id"])
     return outputs(out.version, out.mlflow_run_id)

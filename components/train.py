@@ -3,6 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
+from kfp.dsl import Model, Output
 
 from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
 
@@ -13,6 +14,7 @@ def train(
     reward_options: str,
     object_store_uri: str,
     pipeline_run_id: str,
+    tuned_model: Output[Model],
     model_uri: str = "",
     model_kind: str = "toy",
     mode: str = "mixgrpo",
@@ -36,7 +38,10 @@ def train(
     train_namespace: str = "",
     kueue_queue: str = "",
     train_timeout_hours: float = 72.0,
-) -> NamedTuple("Trained", weights_uri=str, metrics_uri=str, config_hash=str, config_json=str):
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "mixgrpo",
+    git_sha: str = "",
+) -> NamedTuple("Trained", weights_uri=str, metrics_uri=str, config_hash=str, config_json=str, mlflow_run_id=str):
     """Train the policy with MixGRPO; checkpoints and the final weights go to OBJECT_STORE/runs/RUN_ID/train.
 
     Args:
@@ -44,9 +49,10 @@ def train(
         reward_options: rewards.options JSON from cache-rewards (cached weight URIs).
         object_store_uri: Object-store root.
         pipeline_run_id: The KFP run id.
+        tuned_model: The tuned weights as a Model artifact whose URI is the published prefix (lineage in the UI).
         model_uri: Base model: "" = the built-in toy model; else a diffusers directory or s3:// prefix.
         model_kind: toy or flux.
-        mode: mixgrpo, mixgrpo-flash, mixgrpo-flash-star, dancegrpo or flow-grpo.
+        mode: mixgrpo, mixgrpo-flash, mixgrpo-flash-star, dancegrpo or all-sde.
         rewards: Optimised rewards, comma-separated.
         reward_weights: name=weight pairs; "" = equal weights.
         held_out_rewards: Measured, never optimised.
@@ -67,9 +73,13 @@ def train(
         train_namespace: TrainJob namespace; "" = the pod's own.
         kueue_queue: Kueue LocalQueue of the TrainJob; "" = none.
         train_timeout_hours: The TrainJob is stopped after this long.
+        mlflow_tracking_uri: MLflow server the training logs into live; "" = $MLFLOW_TRACKING_URI (none: no live tracking).
+        mlflow_experiment: MLflow experiment of the pipeline run's MLflow run.
+        git_sha: Commit of the code (an MLflow param); "" = the image's commit.
 
     Returns:
-        weights_uri: the tuned weights (transformer/ inside, MANIFEST.json); metrics_uri; config_hash; config_json.
+        weights_uri: the tuned weights (transformer/ inside, MANIFEST.json); metrics_uri; config_hash; config_json;
+        mlflow_run_id: the MLflow run training logged into ("" without tracking).
     """
     import json
     import tempfile
@@ -88,6 +98,14 @@ def train(
         out = train_step(overrides, prompts_uri, layout, workdir, executor=executor, num_nodes=num_nodes,
                          procs_per_node=gpus_per_node,
                          kubernetes={"namespace": train_namespace, "queue": kueue_queue,
-                                     "timeout_s": train_timeout_hours * 3600})
-    outputs = namedtuple("Trained", ["weights_uri", "metrics_uri", "config_hash", "config_json"])
-    return outputs(out.weights_uri, out.metrics_uri, out.config_hash, json.dumps(overrides))
+                                     "timeout_s": train_timeout_hours * 3600},
+                         tracking_uri=mlflow_tracking_uri, experiment=mlflow_experiment, git_sha=git_sha)
+    from mixgrpo.console import say
+
+    say(f"{out.iterations} iterations, weights {out.weights_uri}"
+        + (f", MLflow run {out.mlflow_run_id}" if out.mlflow_run_id else ""))
+    tuned_model.uri = out.weights_uri
+    tuned_model.metadata.update({"iterations": out.iterations, "config_hash": out.config_hash, "mode": mode,
+                                 "mlflow_run_id": out.mlflow_run_id})
+    outputs = namedtuple("Trained", ["weights_uri", "metrics_uri", "config_hash", "config_json", "mlflow_run_id"])
+    return outputs(out.weights_uri, out.metrics_uri, out.config_hash, json.dumps(overrides), out.mlflow_run_id)

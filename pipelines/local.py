@@ -10,6 +10,7 @@ component code a cluster runs.
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,14 +39,128 @@ class LocalRunResult:
     metrics: dict[str, Any]  # the evaluation's metrics.json
     seconds: float
     arguments: dict[str, Any] = field(default_factory=dict)
+    logs: Path | None = None  # the folder of the step logs
+    step_logs: dict[str, Path] = field(default_factory=dict)
 
 
 # The toy model learns too slowly at FLUX's lr 1e-5 (see configs/toy.yaml); explicit --param values win.
 TOY_LOCAL_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5, "window_shift_interval": 20, "iterations": 80}
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TASK_START = re.compile(r"Executing task '([^']+)'")
+_TASK_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_ERROR_LINE = re.compile(r"[\w.]*(Error|Exception|Interrupt): ")
+
+
+class StepConsole:
+    """While the pipeline runs: everything written to stdout / stderr goes to ``logs/<step>.log`` (and
+    ``logs/pipeline.log``); the terminal gets one line per finished step (name, seconds, the step's
+    ``[mixgrpo]`` summary line), the trainer's progress lines, and a failed step's last lines.
+
+    kfp.local streams each step's subprocess through this process's ``sys.stdout`` and announces
+    steps with "Executing task 'NAME'" / "Task 'NAME' finished with status S", which is how lines
+    are assigned to steps.
+    """
+
+    def __init__(self, logs: Path, echo: Any = None):
+        from mixgrpo.console import MARK_ENV
+
+        self.logs, self.echo = logs, echo or sys.__stdout__
+        self.step, self.started, self.summary = "pipeline", time.perf_counter(), ""
+        self.step_logs: dict[str, Path] = {}
+        self.failed = ""  # the last step that failed
+        self.buffer = ""
+        self.mark_env = MARK_ENV
+
+    def __enter__(self) -> "StepConsole":
+        import logging
+
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.all = (self.logs / "pipeline.log").open("a", encoding="utf-8")
+        self.file = self.all
+        self.saved = sys.stdout, sys.stderr, os.environ.get(self.mark_env)
+        os.environ[self.mark_env] = "1"
+        sys.stdout = sys.stderr = self  # type: ignore[assignment]
+        self.quiet = {name: logging.getLogger(name).level for name in ("kfp", "great_expectations", "mlflow", "alembic")}
+        for name in self.quiet:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import logging
+
+        self.flush()
+        if exc[0] is not None and self.failed:
+            log_file = self.step_logs[self.failed]
+            tail = log_file.read_text(encoding="utf-8").splitlines()[-20:]
+            self._say("\n".join("     | " + t for t in tail) + f"\n     full log of {self.failed}: {log_file}")
+        sys.stdout, sys.stderr, mark = self.saved
+        if mark is None:
+            os.environ.pop(self.mark_env, None)
+        for name, level in self.quiet.items():
+            logging.getLogger(name).setLevel(level)
+        if self.file is not self.all:
+            self.file.close()
+        self.all.close()
+
+    # file-like interface
+    def write(self, text: str) -> int:
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self._line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self.all.flush()
+        if self.file is not self.all:
+            self.file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def _say(self, text: str) -> None:
+        self.echo.write(text + "\n")
+        self.echo.flush()
+
+    def _line(self, line: str) -> None:
+        from mixgrpo.console import CONSOLE_MARK
+
+        plain = _ANSI.sub("", line)
+        self.all.write(plain + "\n")
+        if self.file is not self.all:
+            self.file.write(plain + "\n")
+            self.file.flush()  # `tail -f` the step's log while it runs
+        if start := _TASK_START.search(plain):
+            self.step, self.started, self.summary = start.group(1), time.perf_counter(), ""
+            path = self.logs / f"{self.step}.log"
+            self.step_logs[self.step] = path
+            if self.file is not self.all:
+                self.file.close()
+            self.file = path.open("a", encoding="utf-8")
+            self.file.write(plain + "\n")
+        elif end := _TASK_END.search(plain):
+            seconds = time.perf_counter() - self.started
+            ok = end.group(2) == "SUCCESS"
+            if not ok:  # one line per failed attempt (KFP may retry); the log's tail once, at the end
+                self.file.flush()
+                self.failed = end.group(1)
+                errors = [t.strip() for t in self.step_logs[self.failed].read_text(encoding="utf-8").splitlines()
+                          if _ERROR_LINE.match(t.strip())]
+                self.summary = (errors[-1] if errors else "see its log")[:300]
+            self._say(f"{'ok  ' if ok else 'FAIL'} {end.group(1):<16}{seconds:7.1f} s  {self.summary}")
+        stripped = plain.strip()
+        if stripped.startswith(CONSOLE_MARK):
+            text = stripped[len(CONSOLE_MARK):]
+            if text.startswith(("iter ", "held-out ")):  # the trainer's progress: shown as it comes
+                self._say(f"     {self.step}: {text}")
+            else:
+                self.summary = text
+
+
 def run_local(store: str | None = None, mlflow: str | None = None, *, local_dir: str | Path | None = None,
-              **params: Any) -> LocalRunResult:
+              echo: Any = None, **params: Any) -> LocalRunResult:
     """Run the pipeline with ``kfp.local``; ``params`` are pipeline parameters (the embedded defaults fill the rest).
 
     ``local_dir`` (default ``runs/local``) holds KFP's local pipeline root and the fetched report.
@@ -67,7 +182,9 @@ def run_local(store: str | None = None, mlflow: str | None = None, *, local_dir:
                    raise_on_error=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads on 2 shared cores oversubscribe badly
-    task = mixgrpo_pipeline(**arguments)
+    logs = local / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    with StepConsole(logs, echo=echo) as console:
+        task = mixgrpo_pipeline(**arguments)
     outputs = task.outputs
     version = str(outputs["model_version"])
     settings = registry_settings(arguments["mlflow_tracking_uri"], arguments.get("mlflow_model_name", ""))
@@ -79,7 +196,7 @@ def run_local(store: str | None = None, mlflow: str | None = None, *, local_dir:
     fetch_dir(outputs["eval_uri"], report_dir)
     metrics = json.loads((report_dir / "metrics.json").read_text())
     return LocalRunResult(outputs["weights_uri"], version, aliases, champion, outputs["eval_uri"], report_dir, metrics,
-                          time.perf_counter() - started, arguments)
+                          time.perf_counter() - started, arguments, logs, console.step_logs)
 
 
 def summary(result: LocalRunResult) -> str:
@@ -88,20 +205,45 @@ def summary(result: LocalRunResult) -> str:
 
     evaluation = EvalResult(**{k: v for k, v in result.metrics.items() if k in EvalResult.__dataclass_fields__})
     name = result.arguments.get("mlflow_model_name", "mixgrpo-dit")
+    tracking = result.arguments["mlflow_tracking_uri"]
+    warnings = [f"WARNING: {w}" for w in evaluation.warnings()]
     lines = [
         "",
         f"pipeline finished in {result.seconds:.0f} s",
         f"weights:        {result.weights_uri}",
-        f"MLflow:         {result.arguments['mlflow_tracking_uri']}",
+        f"MLflow:         {tracking}",
         f"model version:  {name} v{result.model_version}  aliases: {', '.join(result.aliases) or '(none)'}  "
         f"(champion: {'v' + result.champion if result.champion else 'none'})",
         "",
         metrics_table(evaluation),
+        *warnings,
         "",
         f"report:         {result.report_dir / 'report.html'} (and report.md; grid {result.report_dir / 'grid.png'})",
         f"published at:   {result.eval_uri}",
+        f"step logs:      {result.logs}/" if result.logs else None,
+        f"sample:         mixgrpo sample --model {result.weights_uri} --out grid.png",
+        f"                MLFLOW_TRACKING_URI={tracking} mixgrpo sample --model models:/{name}@champion --out grid.png",
     ]
     return "\n".join(line for line in lines if line is not None)
+
+
+def summary_json(result: LocalRunResult) -> dict[str, Any]:
+    """The one-line JSON of ``mixgrpo run-local --json`` (issue 10.5): weights, version, every reward's
+    base / tuned / delta with its 95% CI, the combined optimised reward with ``gap_closed``, diversity."""
+    from mixgrpo.eval_sampler import DIVERSITY
+    from mixgrpo.evaluate import EvalResult
+
+    evaluation = EvalResult(**{k: v for k, v in result.metrics.items() if k in EvalResult.__dataclass_fields__})
+    rewards = {name: {"kind": evaluation.kind(name), "base": evaluation.base[name], "tuned": evaluation.tuned[name],
+                      "delta": evaluation.delta[name], "delta_ci95": evaluation.ci95.get(name, {}).get("delta")}
+               for name in evaluation.base if name != DIVERSITY}
+    c = evaluation.combined
+    return {"weights_uri": result.weights_uri, "model_name": result.arguments.get("mlflow_model_name", "mixgrpo-dit"),
+            "model_version": result.model_version, "aliases": list(result.aliases),
+            "report": str(result.report_dir / "report.html"), "rewards": rewards,
+            "combined": {"base": c["base"], "tuned": c["tuned"], "delta": c["tuned"] - c["base"],
+                         "delta_ci95": c.get("delta_ci95"), "gap_closed": c.get("gap_closed")},
+            "diversity": {"base": evaluation.base.get(DIVERSITY), "tuned": evaluation.tuned.get(DIVERSITY)}}
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -132,7 +274,16 @@ def main(args: Any) -> int:
         params["iterations"] = args.iterations
     if args.gate_margin is not None:
         params["gate_margin"] = args.gate_margin
-    result = run_local(args.store, args.mlflow, **params)
+    print(f"mixgrpo run-local: store {args.store or default_store()}, MLflow {args.mlflow or default_mlflow()}")
+    sys.stdout.flush()
+    try:
+        result = run_local(args.store, args.mlflow, **params)
+    except RuntimeError as error:  # kfp.local: "Task 'NAME' finished with status FAILURE"
+        print(f"mixgrpo run-local failed: {_ANSI.sub('', str(error))} (its last lines and log "
+              "file are shown above)", file=sys.stderr)
+        return 1
     print(summary(result))
+    if getattr(args, "json", False):
+        print(json.dumps(summary_json(result)))
     sys.stdout.flush()
     return 0

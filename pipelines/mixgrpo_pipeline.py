@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 
-from mixgrpo_pipelines.components import cache_rewards, evaluate, gate, prepare_prompts, promote, register, train
+from mixgrpo_pipelines.components import cache_rewards, evaluate, gate, hash_prompts, prepare_prompts, promote, register, train
 
 PIPELINE_NAME = "mixgrpo"
 S3_SECRET = "mixgrpo-s3"  # = mixgrpo.launcher.S3_SECRET (manifests/secrets/s3.template.yaml)
@@ -66,7 +66,7 @@ def mixgrpo_pipeline(
     train_namespace: str = "",
     kueue_queue: str = "",
     train_timeout_hours: float = 72.0,
-    eval_images_per_prompt: int = 2,
+    eval_images_per_prompt: int = 4,
     eval_max_prompts: int = 0,
     eval_gpus: int = 1,
     mlflow_model_name: str = "mixgrpo-dit",
@@ -90,7 +90,7 @@ def mixgrpo_pipeline(
         reward_weights: Weight per reward as name=weight pairs; "" = equal weights.
         held_out_rewards: Rewards measured but never optimised (reward-hacking check), comma-separated.
         reward_weight_sources: Where weighted rewards' files are, name=URI pairs (cached once under OBJECT_STORE/rewards).
-        mode: mixgrpo, mixgrpo-flash, mixgrpo-flash-star, dancegrpo or flow-grpo.
+        mode: mixgrpo, mixgrpo-flash, mixgrpo-flash-star, dancegrpo or all-sde.
         window_size: SDE steps in the sliding window.
         window_shift_interval: Iterations before the window moves by one step.
         window_strategy: progressive, random, frozen, linear_decay, exp_decay or all; "" = the mode's preset.
@@ -108,7 +108,7 @@ def mixgrpo_pipeline(
         train_namespace: Namespace of the TrainJob; "" = the pipeline's.
         kueue_queue: Kueue LocalQueue for the TrainJob; "" = none.
         train_timeout_hours: The TrainJob is stopped (and the step fails) after this long.
-        eval_images_per_prompt: Images per held-out prompt in the evaluation.
+        eval_images_per_prompt: Seeds per held-out prompt in the evaluation (at least 4 for a per-prompt spread).
         eval_max_prompts: Evaluate at most this many held-out prompts; 0 = all.
         eval_gpus: GPUs of the evaluate step on a cluster.
         mlflow_model_name: Registered model name in MLflow.
@@ -121,8 +121,13 @@ def mixgrpo_pipeline(
     """
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
+    hashed = hash_prompts(prompt_uri=prompt_uri)
+    hashed.set_display_name("Hash the prompt source").set_caching_options(False).set_retry(**S3_RETRY)
+    _secret_env(hashed)
+
+    # Cached on the source's content hash and the settings (its output prefix is named by them too).
     prepared = prepare_prompts(
-        prompt_uri=prompt_uri, object_store_uri=object_store_uri, pipeline_run_id=run_id, column=prompt_column,
+        prompt_uri=prompt_uri, object_store_uri=object_store_uri, source_hash=hashed.output, column=prompt_column,
         test_fraction=test_fraction, min_prompts=min_prompts, seed=seed, model_uri=model_uri, model_kind=model_kind)
     prepared.set_display_name("Prepare prompts").set_retry(**S3_RETRY)
     _secret_env(prepared)
@@ -140,7 +145,8 @@ def mixgrpo_pipeline(
         learning_rate=learning_rate, window_size=window_size, window_shift_interval=window_shift_interval,
         window_strategy=window_strategy, seed=seed, executor=executor, num_nodes=num_nodes,
         gpus_per_node=gpus_per_node, engine=engine, extra_overrides=extra_overrides,
-        train_namespace=train_namespace, kueue_queue=kueue_queue, train_timeout_hours=train_timeout_hours)
+        train_namespace=train_namespace, kueue_queue=kueue_queue, train_timeout_hours=train_timeout_hours,
+        mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment, git_sha=git_sha)
     # No cache: the key cannot see new data behind the same URIs. One retry resumes from the last checkpoint.
     trained.set_display_name("Train (MixGRPO)").set_caching_options(False).set_retry(num_retries=1)
     _secret_env(trained, mlflow=True)
@@ -160,7 +166,7 @@ def mixgrpo_pipeline(
         config_json=trained.outputs["config_json"], config_hash=trained.outputs["config_hash"],
         dataset_hash=prepared.outputs["dataset_hash"], pipeline_run_id=run_id,
         mlflow_tracking_uri=mlflow_tracking_uri, model_name=mlflow_model_name, experiment=mlflow_experiment,
-        git_sha=git_sha, gate_metric=gate_metric)
+        git_sha=git_sha, gate_metric=gate_metric, mlflow_run_id=trained.outputs["mlflow_run_id"])
     registered.set_display_name("Register in MLflow").set_caching_options(False).set_retry(**S3_RETRY)
     _secret_env(registered, mlflow=True)
 

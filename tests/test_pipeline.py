@@ -23,7 +23,7 @@ from mixgrpo.data import DataError, PromptValidationError  # noqa: E402
 from mixgrpo.registry import CHALLENGER, CHAMPION, RegistryError  # noqa: E402
 from mixgrpo.storage import NotFoundError, publish_dir, read_manifest  # noqa: E402
 
-TASKS = {"prepare-prompts", "cache-rewards", "train", "evaluate", "register", "gate", "promote"}
+TASKS = {"hash-prompts", "prepare-prompts", "cache-rewards", "train", "evaluate", "register", "gate", "promote"}
 
 
 # --------------------------------------------------------------------------- compile
@@ -70,7 +70,9 @@ def test_dag_shape_display_names_caching_retries_and_gate(compiled: dict) -> Non
     for name in ("prepare-prompts", "cache-rewards", "evaluate", "register", "gate", "promote"):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] >= 1, name
     deps = {n: set(t.get("dependentTasks", [])) for n, t in tasks.items()}
-    assert deps["train"] == {"prepare-prompts", "cache-rewards"}
+    assert deps["train"] == {"prepare-prompts", "cache-rewards"} and deps["prepare-prompts"] == {"hash-prompts"}
+    assert tasks["hash-prompts"]["cachingOptions"].get("enableCache") is not True  # reads the data every run
+    assert tasks["prepare-prompts"]["cachingOptions"].get("enableCache") is True  # keyed on the content hash
     assert deps["evaluate"] >= {"train", "prepare-prompts"} and "train" in deps["register"] and "evaluate" in deps["register"]
     conditions = [t for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")]
     assert len(conditions) == 1 and "gate" in conditions[0]["triggerPolicy"]["condition"]
@@ -139,6 +141,22 @@ def test_prepare_toy_prompts_by_default(tmp_path: Path) -> None:
     assert (tmp_path / "report" / "report.md").is_file()
     again = steps.prepare_step("", steps.RunLayout(store, "run-2").prompts, tmp_path / "r2", test_fraction=0.2)
     assert again.dataset_hash == first.dataset_hash  # the data set's identity does not depend on where it went
+
+
+def test_prepared_prompts_are_keyed_on_the_content_hash(tmp_path: Path) -> None:
+    source = tmp_path / "prompts.txt"
+    source.write_text("a cat\n")
+    store = (tmp_path / "store").as_uri()
+    first = steps.prompt_source_hash(str(source))
+    assert first == steps.prompt_source_hash(source.as_uri()) and len(first) == 64
+    assert steps.prompt_source_hash("") == steps.prompt_source_hash(str(steps.toy_prompt_file()))
+    uri = steps.prepared_prompts_uri(store, first, seed=0, test_fraction=0.2)
+    assert uri == steps.prepared_prompts_uri(store, first, test_fraction=0.2, seed=0) and uri.startswith(f"{store}/prompts/")
+    assert uri != steps.prepared_prompts_uri(store, first, seed=1, test_fraction=0.2)  # other settings, other place
+    source.write_text("a dog\n")
+    assert steps.prompt_source_hash(str(source)) != first  # new data behind the same URI: a new key
+    with pytest.raises(steps.StepError, match="expected the sha256 hex digest"):
+        steps.prepared_prompts_uri(store, "abc")
 
 
 @pytest.mark.parametrize("case", ["empty", "duplicates", "wrong_column", "binary", "missing"])

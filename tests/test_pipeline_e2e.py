@@ -58,11 +58,15 @@ def test_local_pipeline_against_real_s3_and_mlflow(s3_server: S3Endpoint, mlflow
     client = mlflow_server.client()
     v1 = client.get_model_version(model_name, "1")
     assert v1.source == first.weights_uri and first.model_version == "1"
-    assert {"pipeline_run_id", "config_hash", "dataset_manifest_hash", "git_sha", "weights_uri",
-            "metric.reward_normalized_mean", "metric.toy_object_color.delta"} <= set(v1.tags)
+    assert {"pipeline_run_id", "config_hash", "dataset_manifest_hash", "git_sha", "weights_uri", "mode", "iterations",
+            "learning_rate", "base_model", "metric.reward_normalized_mean"} <= set(v1.tags)
+    assert [k for k in v1.tags if k.startswith("metric.")] == ["metric.reward_normalized_mean"]  # provenance, not metrics
     assert set(v1.aliases) == {CHAMPION, CHALLENGER} and first.champion == "1"
-    assert client.get_run(v1.run_id).data.metrics["reward_normalized_mean"] == pytest.approx(
+    assert client.get_run(v1.run_id).data.metrics["eval/reward_normalized_mean"] == pytest.approx(
         first.metrics["combined"]["tuned"])
+    # the training logged into the same run while it ran: one point per iteration, the config as params
+    assert [m.step for m in client.get_metric_history(v1.run_id, "train/reward/toy_object_color")] == [1]
+    assert client.get_run(v1.run_id).data.params["max_iterations"] == "1"
     assert (first.report_dir / "grid.png").is_file() and "base" in (first.report_dir / "report.md").read_text()
 
     # a second run that cannot beat the champion by the margin: registered, challenger, champion unmoved

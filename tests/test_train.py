@@ -192,7 +192,7 @@ def test_evaluate_writes_metrics_grid_and_report(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", max_iterations=2, **{"optim.lr": 1e-3})
     trained = train(cfg)
     result = evaluate(cfg, trained.final_weights, tmp_path / "eval", images_per_prompt=2,
-                      training_metrics=tmp_path / "run" / "metrics.jsonl", grid_prompts=3)
+                      training_metrics=tmp_path / "run" / "metrics.jsonl")
     names = {"toy_object_color", "toy_background", "toy_heldout_realism", "heldout_diversity"}
     assert set(result.base) == set(result.tuned) == names
     for name in names:
@@ -204,7 +204,7 @@ def test_evaluate_writes_metrics_grid_and_report(tiny_model_dir, tmp_path):
     assert saved["tuned"] == result.tuned
     for name in ("grid.png", "rewards.png", "report.md", "report.html"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
-    assert "toy_heldout_realism (held-out, not optimised)" in (tmp_path / "eval" / "report.md").read_text()
+    assert "| toy_heldout_realism | held_out |" in (tmp_path / "eval" / "report.md").read_text()
     assert "data:image/png;base64," in (tmp_path / "eval" / "report.html").read_text()
     hybrid = evaluate(cfg, trained.final_weights, tmp_path / "eval-hybrid", images_per_prompt=1, hybrid_steps=4)
     assert hybrid.hybrid_steps == 4

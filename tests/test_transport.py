@@ -97,7 +97,7 @@ def test_submit_refuses_a_token_over_plain_http_to_another_host(remote_listener,
 
 
 def test_submit_reads_the_token_from_a_file_and_sends_it_to_loopback(loopback_listener, tmp_path, monkeypatch):
-    from pipelines.cluster import client
+    from mixgrpo_pipelines.pipelines.cluster import client
 
     monkeypatch.delenv("KFP_TOKEN", raising=False)
     monkeypatch.setattr("kfp.client.client.time.sleep", lambda seconds: None)  # kfp retries its healthz 5 times
@@ -108,7 +108,7 @@ def test_submit_reads_the_token_from_a_file_and_sends_it_to_loopback(loopback_li
 
 
 def test_token_on_the_command_line_is_deprecated(capsys, monkeypatch):
-    from pipelines.cluster import read_token
+    from mixgrpo_pipelines.pipelines.cluster import read_token
 
     monkeypatch.delenv("KFP_TOKEN", raising=False)
     assert read_token("on-the-command-line") == "on-the-command-line"

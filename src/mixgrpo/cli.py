@@ -48,25 +48,54 @@ def _cmd_toy_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,5"`` or ``"0-3"`` (inclusive) or a mix -> seeds; the evaluation uses seeds 0..K-1."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        low, sep, high = part.partition("-")
+        if not (low.isdigit() and (not sep or high.isdigit())):
+            raise ValueError(f"--seeds {text!r}: write seeds like 0,1,2,3 or 0-3")
+        seeds += list(range(int(low), int(high) + 1)) if sep else [int(low)]
+    if not seeds:
+        raise ValueError(f"--seeds {text!r}: give at least one seed")
+    return seeds
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
+    import json
+
     import torch
 
     from mixgrpo.config import load_config
-    from mixgrpo.images import save_grid
-    from mixgrpo.train import build_policy, derive_seed, load_prompts, sample_images
+    from mixgrpo.eval_sampler import sample_eval_images
+    from mixgrpo.images import save_grid, to_pil
+    from mixgrpo.model_source import load_policy, resolve_model_source
+    from mixgrpo.train import build_policy, load_prompts
 
-    overrides = list(args.overrides)
-    if args.model:
-        overrides.append(f"model.path={args.model}")
-    cfg = load_config(args.config, overrides)
-    prompts = args.prompt or load_prompts(args.prompts or "", "test")[: args.max_prompts]
+    cfg = load_config(args.config, args.overrides)
+    prompts = list(args.prompt or []) + (load_prompts(args.prompts, "test") if args.prompts else [])
+    prompts = prompts or load_prompts(cfg.eval_prompts, "test")[: args.max_prompts]
+    seeds = parse_seeds(args.seeds)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    policy = build_policy(cfg, device)
-    rows = [p for p in prompts for _ in range(args.per_prompt)]
-    seeds = [derive_seed("eval", i % args.per_prompt) for i in range(len(rows))]
-    images = sample_images(policy, rows, seeds, cfg, device)
-    path = save_grid(images, args.out, columns=args.per_prompt, scale=args.scale, row_labels=prompts, label_width=220)
-    print(f"wrote {path} ({len(prompts)} prompts x {args.per_prompt} images)")
+    if args.model:
+        policy = load_policy(resolve_model_source(args.model, args.mlflow), cfg, device, source=args.model)
+    else:
+        policy = build_policy(cfg, device)
+    rows = [p for p in prompts for _ in seeds]
+    images = sample_eval_images(policy, rows, seeds * len(prompts), cfg, device)
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with (out_dir / "index.jsonl").open("w") as index:
+            for i, (prompt, seed) in enumerate(zip(rows, seeds * len(prompts))):
+                name = f"p{i // len(seeds):03d}_s{seed}.png"
+                to_pil(images[i]).save(out_dir / name)
+                index.write(json.dumps({"prompt": prompt, "seed": seed, "file": name}) + "\n")
+        print(f"wrote {len(rows)} images and index.jsonl to {out_dir}")
+    if args.out or not args.out_dir:
+        path = save_grid(images, args.out or "samples.png", columns=len(seeds), scale=args.scale, row_labels=prompts,
+                         label_width=220, column_labels=[f"seed {s}" for s in seeds])
+        print(f"wrote {path} ({len(prompts)} prompts x {len(seeds)} seeds)")
     return 0
 
 
@@ -111,6 +140,20 @@ def _cmd_rewards_cache(args: argparse.Namespace) -> int:
         print(f"mixgrpo: storage error: {error}", file=sys.stderr)
         return 1
     print(uri)
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from mixgrpo.storage import StorageError, publish_dir
+
+    if not Path(args.directory).is_dir():
+        raise FileNotFoundError(f"{args.directory} is not a directory")
+    try:
+        manifest = publish_dir(args.directory, args.uri)
+    except StorageError as error:
+        print(f"mixgrpo: storage error: {error}", file=sys.stderr)
+        return 1
+    print(f"published {len(manifest.files)} files to {args.uri} (MANIFEST.json last)")
     return 0
 
 
@@ -166,15 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="pre-train again even if cached")
     p.set_defaults(func=_cmd_toy_pretrain)
 
-    p = sub.add_parser("sample", help="prompts -> PNG grid (deterministic ODE sampling)")
+    p = sub.add_parser("sample", help="images from a model: a directory, file://, s3:// or models:/NAME@ALIAS",
+                       epilog="e.g. mixgrpo sample --model models:/mixgrpo-dit@champion --prompt 'a red circle on a "
+                              "black background' --seeds 0-3 --out grid.png (MLFLOW_TRACKING_URI or --mlflow)")
     add_config_args(p)
-    p.add_argument("--model", help="model directory (default: the config's model.path / toy base)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: held-out prompts")
-    p.add_argument("--prompts", help="text file of prompts")
-    p.add_argument("--max-prompts", type=int, default=8)
-    p.add_argument("--per-prompt", type=int, default=4)
+    p.add_argument("--model", help="weights: OUTPUT_DIR/final, file://, s3:// prefix, models:/NAME@ALIAS or "
+                                   "models:/NAME/VERSION (default: the config's model / the toy base)")
+    p.add_argument("--mlflow", help="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the held-out prompts")
+    p.add_argument("--prompts", help="text file of prompts, one per line")
+    p.add_argument("--max-prompts", type=int, default=8, help="with the default prompts: at most this many")
+    p.add_argument("--seeds", default="0-3", help="seeds, e.g. 0,1,2,3 or 0-3 (the evaluation's seeds are 0..K-1)")
     p.add_argument("--scale", type=int, default=3, help="pixel upscaling of the grid")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--out", help="PNG grid (rows = prompts, columns = seeds); default samples.png without --out-dir")
+    p.add_argument("--out-dir", help="one PNG per (prompt, seed) and index.jsonl (prompt, seed, file)")
     p.add_argument("--device")
     p.set_defaults(func=_cmd_sample)
 
@@ -183,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned", required=True, help="the tuned model directory (OUTPUT_DIR/final)")
     p.add_argument("--out", required=True, help="where metrics.json, report.md/.html and grid.png go")
     p.add_argument("--prompts", help="held-out prompt file (default: the config's eval_prompts / toy held-out split)")
-    p.add_argument("--images-per-prompt", type=int, default=2)
+    p.add_argument("--images-per-prompt", type=int, default=4, help="seeds per prompt (0..K-1)")
     p.add_argument("--hybrid-steps", type=int, help="tuned model for the first K steps, base for the rest")
     p.add_argument("--training-metrics", help="metrics.jsonl of the training run (for the reward curve)")
     p.add_argument("--device")
@@ -213,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", required=True, help="version label, e.g. v2.1")
     p.set_defaults(func=_cmd_rewards_cache)
 
+    p = sub.add_parser("publish", help="copy a local directory (e.g. FLUX.1-dev) to s3:// / file:// with a sha256 "
+                                       "manifest: what model_uri and `sample --model` read")
+    p.add_argument("directory", help="local directory, e.g. a diffusers FLUX.1-dev download")
+    p.add_argument("uri", help="destination prefix, e.g. s3://bucket/models/flux-dev (credentials from AWS_*)")
+    p.set_defaults(func=_cmd_publish)
+
     p = sub.add_parser("run-local", help="the main job: the whole pipeline through kfp.local on the built-in toy model",
                        epilog="defaults: object store runs/local/store (file://), MLflow runs/local/mlflow.db (sqlite)")
     p.add_argument("--store", help="object-store root, e.g. s3://bucket/prefix (credentials from AWS_* variables)")
@@ -220,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="training iterations (pipeline default: 40)")
     p.add_argument("--gate-margin", type=float, help="the new version must beat the champion by more than this")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="any pipeline parameter (repeatable)")
+    p.add_argument("--json", action="store_true", help="after the table, print one JSON object on the last line")
     p.set_defaults(func=_cmd_run_local)
 
     pipe = sub.add_parser("pipeline", help="compile the pipeline, submit / schedule it on Kubeflow Pipelines")

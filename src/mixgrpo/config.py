@@ -203,7 +203,7 @@ class TrainConfig:
     """Held-out prompts for the periodic evaluation; "" = the toy world's held-out split."""
     eval_every: int = 0
     """Evaluate held-out rewards every K iterations (0 = only at the end)."""
-    eval_images_per_prompt: int = 2
+    eval_images_per_prompt: int = 4
     """Seeds per held-out prompt in the trainer's evaluations (and for best-checkpoint selection)."""
     validation_prompts: str = ""
     """Prompts for best-checkpoint selection and early stopping (never trained on, never reported);
@@ -228,7 +228,10 @@ class TrainConfig:
     mlflow_tracking_uri: str = ""
     """Log metrics to this MLflow server / store as well ("" = off)."""
     mlflow_experiment: str = "mixgrpo"
+    mlflow_run_id: str = ""
+    """Log into this existing MLflow run (the pipeline creates it before training); "" = start a new run."""
     progress_bar: bool = True
+    """A tqdm bar on a terminal; elsewhere one progress line every few iterations."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     window: WindowConfig = field(default_factory=WindowConfig)

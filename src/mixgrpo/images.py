@@ -45,13 +45,23 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int, **kwargs) ->
     return path
 
 
-def seed_diversity(images: torch.Tensor, per_prompt: int) -> float:
-    """Mean over prompts of the per-pixel std across the ``per_prompt`` seeds of one prompt.
+def seed_diversity_per_prompt(images: torch.Tensor, per_prompt: int) -> torch.Tensor:
+    """[P]: per prompt, the per-pixel std across its ``per_prompt`` seeds, averaged over pixels (NaN if < 2 seeds).
 
-    ``images`` is prompt-major ((P*per_prompt, 3, H, W) in [0, 1]). A policy that collapses to one
-    image per prompt (a common form of reward hacking) drives this towards 0. Never optimised.
+    ``images`` is prompt-major ((P*per_prompt, 3, H, W) in [0, 1]).
+    """
+    grouped = images.float().reshape(-1, per_prompt, *images.shape[1:])
+    if per_prompt < 2:
+        return torch.full((grouped.shape[0],), float("nan"))
+    return grouped.std(dim=1).flatten(1).mean(dim=1)
+
+
+def seed_diversity(images: torch.Tensor, per_prompt: int) -> float:
+    """Mean over prompts of :func:`seed_diversity_per_prompt`.
+
+    A policy that collapses to one image per prompt (a common form of reward hacking) drives this
+    towards 0. Never optimised.
     """
     if per_prompt < 2:
         return float("nan")
-    grouped = images.float().reshape(-1, per_prompt, *images.shape[1:])
-    return float(grouped.std(dim=1).mean())
+    return float(seed_diversity_per_prompt(images, per_prompt).mean())

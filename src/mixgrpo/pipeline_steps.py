@@ -152,6 +152,27 @@ def toy_prompt_file() -> Path:
     return path
 
 
+def prompt_source_hash(prompt_uri: str) -> str:
+    """sha256 of the prompt source's bytes ("" = the toy world's prompt file): what prepare-prompts is keyed on."""
+    import hashlib
+
+    from mixgrpo.data import _read_bytes
+
+    return hashlib.sha256(_read_bytes(prompt_uri.strip() or str(toy_prompt_file()))).hexdigest()
+
+
+def prepared_prompts_uri(root: str, source_hash: str, **settings: Any) -> str:
+    """``{root}/prompts/{key}``, ``key = sha256(source hash + settings)[:16]``: the same data prepared the same
+    way goes to the same prefix, so a cached prepare-prompts output still points at its data."""
+    import hashlib
+
+    if not re.fullmatch(r"[0-9a-f]{64}", source_hash or ""):
+        raise StepError(f"source_hash {source_hash!r}: expected the sha256 hex digest from hash-prompts")
+    RunLayout(root, "prompts")  # checks the root's scheme
+    key = hashlib.sha256(json.dumps({"source": source_hash, **settings}, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{root.rstrip('/')}/prompts/{key}"
+
+
 def prepare_step(prompt_uri: str, output_uri: str, report_dir: str | Path, *, column: str = "",
                  test_fraction: float = 0.2, min_prompts: int = 16, seed: int = 0,
                  model_uri: str = "", model_kind: str = "toy") -> PrepareOutput:
@@ -162,6 +183,7 @@ def prepare_step(prompt_uri: str, output_uri: str, report_dir: str | Path, *, co
     """
     from mixgrpo.data import prepare_prompts
 
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # one INFO line per registered function
     source = prompt_uri.strip() or str(toy_prompt_file())
     prepared = prepare_prompts(source, output_uri, report_dir=report_dir, column=column or None,
                                test_fraction=test_fraction, min_rows=min_prompts, seed=seed)
@@ -257,7 +279,7 @@ def train_overrides(*, model_uri: str = "", model_kind: str = "toy", mode: str =
         "window.shift_interval": window_shift_interval, "rewards.names": parse_names(rewards, "rewards"),
         "rewards.weights": weights, "rewards.held_out": parse_names(held_out, "held_out_rewards"),
         "rewards.options": dict(reward_options or {}), "distributed.engine": engine, "progress_bar": False,
-        "eval_every": 0, "checkpoint_every": 0,
+        "eval_every": max(1, iterations // 8), "checkpoint_every": 0,
     }
     if window_strategy:
         values["window.strategy"] = window_strategy
@@ -319,11 +341,34 @@ class TrainOutput:
     metrics_uri: str  # train-metrics/ (metrics.jsonl, config.yaml)
     config_hash: str
     iterations: int
+    mlflow_run_id: str = ""  # the pipeline run's MLflow run, logged into live ("" = no tracking)
+
+
+def start_tracking(tracking_uri: str, experiment: str, pipeline_run_id: str, git_sha: str = "") -> str:
+    """The MLflow run the training logs into while it runs ("" when no tracking server is configured).
+
+    Tracking URI: the argument, else $MLFLOW_TRACKING_URI. An unreachable server is a warning, not a
+    failed training: the metrics stay in metrics.jsonl and register logs them afterwards.
+    """
+    from mixgrpo.registry import RegistryError, TAG_GIT_SHA, pipeline_run
+
+    if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        return ""
+    try:
+        settings = registry_settings(tracking_uri, "")
+        return pipeline_run(settings.connect(), experiment, pipeline_run_id=pipeline_run_id,
+                            run_name=f"mixgrpo-{pipeline_run_id}"[:250],
+                            tags={TAG_GIT_SHA: resolve_git_sha(git_sha) or "unknown"},
+                            artifact_location=settings.artifact_location)
+    except RegistryError as exc:
+        log.warning("MLflow tracking off for this training: %s", exc)
+        return ""
 
 
 def train_step(overrides: Mapping[str, Any], prompts_uri: str, layout: RunLayout, workdir: str | Path, *,
                executor: str = "local", num_nodes: int = 1, procs_per_node: int = 1,
-               kubernetes: Mapping[str, Any] | None = None) -> TrainOutput:
+               kubernetes: Mapping[str, Any] | None = None, tracking_uri: str = "", experiment: str = "mixgrpo",
+               git_sha: str = "") -> TrainOutput:
     """train: run MixGRPO on the prepared prompts; the final weights end up at ``layout.weights``.
 
     ``executor`` "local": in this process (``num_nodes * procs_per_node == 1``) or torchrun on this
@@ -346,6 +391,10 @@ def train_step(overrides: Mapping[str, Any], prompts_uri: str, layout: RunLayout
         overrides["distributed.engine"] = "ddp"  # several processes need an engine; ddp replicates the model
     cfg = build_config({**overrides, "checkpoint_uri": layout.train})
     digest = config_hash(cfg)  # before local paths are filled in: the same parameters give the same hash
+    run_id = start_tracking(tracking_uri, experiment, layout.run_id, git_sha)
+    if run_id:  # the trainer logs every iteration into the pipeline run's MLflow run as it trains
+        cfg.mlflow_tracking_uri = registry_settings(tracking_uri, "").tracking_uri
+        cfg.mlflow_experiment, cfg.mlflow_run_id = experiment, run_id
     job = workdir / "train-job"
     _stage_prompts(prompts_uri, job)
     if cfg.model.kind == "flux" and _stage_embeddings(prompts_uri, job):
@@ -362,7 +411,7 @@ def train_step(overrides: Mapping[str, Any], prompts_uri: str, layout: RunLayout
         run_train_job(job, procs_per_node, layout.train_metrics)
     manifest = read_manifest(layout.weights)  # fails clearly if training did not publish its weights
     iterations = int(manifest.metadata.get("iteration", cfg.max_iterations))
-    return TrainOutput(layout.weights, layout.train_metrics, digest, iterations)
+    return TrainOutput(layout.weights, layout.train_metrics, digest, iterations, run_id)
 
 
 def run_train_job(job_dir: str | Path, procs: int = 1, metrics_uri: str = "", engine: str | None = None) -> int:
@@ -460,7 +509,7 @@ def eval_metrics(result: Any) -> dict[str, float]:
 
 
 def evaluate_step(overrides: Mapping[str, Any], weights_uri: str, prompts_uri: str, metrics_uri: str,
-                  eval_uri: str, out_dir: str | Path, *, images_per_prompt: int = 2, max_prompts: int = 0):  # noqa: ANN201
+                  eval_uri: str, out_dir: str | Path, *, images_per_prompt: int = 4, max_prompts: int = 0):  # noqa: ANN201
     """evaluate: base vs tuned on the held-out split; the report is written to ``out_dir`` and published to ``eval_uri``."""
     from mixgrpo.data import load_prepared_prompts
     from mixgrpo.evaluate import evaluate
@@ -482,7 +531,8 @@ def evaluate_step(overrides: Mapping[str, Any], weights_uri: str, prompts_uri: s
         prompts = load_prepared_prompts(prompts_uri, "test")
         prompts = prompts[:max_prompts] if max_prompts > 0 else prompts
         result = evaluate(cfg, tuned, out_dir, prompts=prompts, images_per_prompt=images_per_prompt,
-                          training_metrics=training_metrics)
+                          training_metrics=training_metrics,
+                          provenance={"pipeline_run": eval_uri.rstrip("/").split("/")[-2], "weights": weights_uri})
         publish_dir(out_dir, eval_uri, metadata={"kind": "mixgrpo-eval/1", "weights_uri": weights_uri})
         return result
     finally:
@@ -534,18 +584,33 @@ def _history(metrics_jsonl: Path) -> dict[str, list[float]]:
     return {k: v for k, v in curves.items() if all(math.isfinite(x) for x in v)}
 
 
+PROVENANCE_PARAMS = {"mode": "mode", "iterations": "max_iterations", "learning_rate": "optim.lr",
+                     "base_model": "model.path", "model_kind": "model.kind", "seed": "seed"}
+"""Version tag -> training parameter: what produced the weights (metrics live in the linked run)."""
+
+
+def provenance_tags(params: Mapping[str, Any]) -> dict[str, str]:
+    """The provenance tags of a model version from the training overrides (``model.path`` "" = the toy base)."""
+    tags = {tag: str(params[key]) for tag, key in PROVENANCE_PARAMS.items() if key in params}
+    if "base_model" in tags and not tags["base_model"]:
+        tags["base_model"] = "built-in toy base model"
+    return tags
+
+
 def register_step(*, tracking_uri: str, model_name: str, experiment: str, weights_uri: str, pipeline_run_id: str,
                   metrics: Mapping[str, float], eval_uri: str, metrics_uri: str, git_sha: str = "",
                   config_hash: str = "", dataset_hash: str = "", params: Mapping[str, Any] | None = None,
-                  gate_metric: str = GATE_METRIC) -> RegisterOutput:
+                  gate_metric: str = GATE_METRIC, mlflow_run_id: str = "") -> RegisterOutput:
     """register: an MLflow run with the metrics, curves, grid and report, then a model version.
 
-    The version's source is ``weights_uri`` (no copy), alias ``challenger``, tags per
-    :func:`mixgrpo.registry.version_tags`. A retry with the same ``pipeline_run_id`` reuses the run
+    With ``mlflow_run_id`` (the run training logged into live) the evaluation metrics (``eval/NAME``)
+    and the report attach to that run; else a run is logged here. The version's source is
+    ``weights_uri`` (no copy), it links to the run, alias ``challenger``; its tags carry provenance
+    (pipeline run, git sha, hashes, mode, iterations, lr, base model) and only the gate metric. A retry with the same ``pipeline_run_id`` reuses the run
     and the version. Inputs and the store are checked first: when MLflow is unreachable, or
     ``gate_metric`` is not among the metrics (the gate could never decide), nothing is written.
     """
-    from mixgrpo.registry import RegistryError, log_training_run, register_model
+    from mixgrpo.registry import RegistryError, attach_to_run, log_training_run, register_model
     from mixgrpo.storage import NotFoundError, StorageError, fetch_dir, read_manifest
 
     if gate_metric not in metrics:
@@ -575,13 +640,27 @@ def register_step(*, tracking_uri: str, model_name: str, experiment: str, weight
             artifacts["training"] = files / "train"
         tags = {"weights_uri": weights_uri, "git_sha": git_sha, "config_hash": config_hash,
                 "dataset_manifest_hash": dataset_hash}
-        run_id = log_training_run(
-            client, experiment, pipeline_run_id=pipeline_run_id, run_name=f"mixgrpo-{pipeline_run_id}"[:250],
-            params=dict(params or {}), metrics=metrics, history=history, artifacts=artifacts,
-            tags={k: v for k, v in tags.items() if v}, artifact_location=settings.artifact_location)
-    version = register_model(client, settings.model_name, weights_uri, pipeline_run_id=pipeline_run_id,
-                             git_sha=git_sha, config_hash=config_hash, dataset_hash=dataset_hash, metrics=metrics,
-                             mlflow_run_id=run_id, description=f"MixGRPO pipeline run {pipeline_run_id}")
+        if mlflow_run_id:
+            last = max((len(v) for v in history.values()), default=0)
+            run_id = attach_to_run(client, mlflow_run_id, metrics={f"eval/{k}": v for k, v in metrics.items()},
+                                   step=last, artifacts=artifacts, tags={k: v for k, v in tags.items() if v})
+        else:
+            run_id = log_training_run(
+                client, experiment, pipeline_run_id=pipeline_run_id, run_name=f"mixgrpo-{pipeline_run_id}"[:250],
+                params=dict(params or {}), metrics=metrics, history=history, artifacts=artifacts,
+                tags={k: v for k, v in tags.items() if v}, artifact_location=settings.artifact_location)
+        version = register_model(client, settings.model_name, weights_uri, pipeline_run_id=pipeline_run_id,
+                                 git_sha=git_sha, config_hash=config_hash, dataset_hash=dataset_hash,
+                                 metrics={gate_metric: metrics[gate_metric]}, tags=provenance_tags(params or {}),
+                                 mlflow_run_id=run_id, description=f"MixGRPO pipeline run {pipeline_run_id}")
+        if (files / "eval" / "scores.jsonl").is_file():  # the report names the version it describes
+            from mixgrpo.evaluate import write_report
+            from mixgrpo.storage import publish_dir
+
+            write_report(files / "eval", {"model_version": f"{settings.model_name} v{version.version}",
+                                          "mlflow_run_id": run_id})
+            publish_dir(files / "eval", eval_uri, metadata={"kind": "mixgrpo-eval/1", "weights_uri": weights_uri})
+            attach_to_run(client, run_id, artifacts={"evaluation": files / "eval"})
     return RegisterOutput(str(version.version), tuple(sorted(version.aliases)), run_id)
 
 

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -506,6 +507,46 @@ def log_training_run(
     return run_id
 
 
+def pipeline_run(client: MlflowClient, experiment: str, *, pipeline_run_id: str, run_name: str | None = None,
+                 tags: Mapping[str, str] | None = None, artifact_location: str | None = None) -> str:
+    """The MLflow run of pipeline run ``pipeline_run_id`` (tagged with it): the existing one (a retried
+    step), else a new one. The training step creates it and logs into it live; evaluation and
+    registration attach to it (:func:`attach_to_run`); the model version links to it."""
+    _check_id(pipeline_run_id)
+    _preflight(client)
+    with _mlflow_errors(_where(client), f"find or create the run of pipeline run {pipeline_run_id}"):
+        experiment_id = _experiment_id(client, experiment, artifact_location)
+        found = client.search_runs([experiment_id], f"tags.{TAG_PIPELINE_RUN} = '{pipeline_run_id}'")
+        if found:
+            return min(found, key=lambda r: r.info.start_time).info.run_id
+        run = client.create_run(experiment_id, run_name=run_name, tags={TAG_PIPELINE_RUN: pipeline_run_id, **(tags or {})})
+        return run.info.run_id
+
+
+def attach_to_run(client: MlflowClient, run_id: str, *, metrics: Mapping[str, float] | None = None, step: int = 0,
+                  artifacts: Mapping[str, str | os.PathLike[str]] | None = None,
+                  tags: Mapping[str, str] | None = None) -> str:
+    """Add ``metrics`` (at ``step``), ``artifacts`` (sub-directory -> local path) and ``tags`` to an existing
+    run, then mark it finished. Re-running it overwrites the artifacts and adds the same metric points."""
+    from mlflow.entities import Metric, RunTag
+
+    where = _where(client)
+    with _mlflow_errors(where, f"attach to MLflow run {run_id}"):
+        now = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if math.isfinite(float(v))]
+        for start in range(0, len(entries), 1000):
+            client.log_batch(run_id, metrics=entries[start:start + 1000])
+        if tags:
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        for sub, path in (artifacts or {}).items():
+            if Path(path).is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path=sub or None)
+            else:
+                client.log_artifact(run_id, str(path), artifact_path=sub or None)
+        client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -516,5 +557,6 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
 __all__ = [
     "RegistryError", "RegistrySettings", "PromotionDecision", "check_reachable", "version_tags", "find_version",
     "register_model", "settle_duplicates", "bounded_mlflow_http", "alias_version", "metric_of", "decide_promotion", "promote", "log_training_run",
+    "pipeline_run", "attach_to_run",
     "DEFAULT_MODEL_NAME", "DEFAULT_GATE_METRIC", "CHALLENGER", "CHAMPION",
 ]

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,6 @@ from mixgrpo import distributed
 from mixgrpo.config import TrainConfig, config_to_dict, config_to_yaml
 from mixgrpo.distributed import Shard, World
 from mixgrpo.grpo import policy_loss, reference_kl
-from mixgrpo.images import seed_diversity
 from mixgrpo.models.base import Conditioning, FlowModel, index_conditioning, repeat_conditioning
 from mixgrpo.rewards.base import Reward, build_reward
 from mixgrpo.selection import BestTracker
@@ -327,37 +327,15 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
 # --------------------------------------------------------------------------- evaluation on held-out prompts
 
 
-@torch.no_grad()
-def sample_images(policy: FlowModel, prompts: list[str], seeds: list[int], cfg: TrainConfig, device: torch.device,
-                  batch_size: int = 64) -> torch.Tensor:
-    """Deterministic ODE samples (no window), one image per (prompt, seed) pair, in [0, 1]."""
-    sigmas = flow_sigmas(cfg.sampling.num_steps, cfg.sampling.shift).to(device)
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        cond = policy.encode_prompts(chunk)
-        latents = torch.stack([torch.randn(policy.latent_shape(), generator=generator_for("sample", seed)) for seed in chunk_seeds]).to(device)
-
-        def velocity_fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            with autocast_context(cfg, device):
-                return policy.velocity(x, sigma, cond).float()
-
-        result = mixed_rollout(velocity_fn, latents, sigmas, range(0, 0), cfg.sampling.eta)
-        images.append(policy.decode(result.sample).float().cpu())
-    return torch.cat(images)
-
-
 def held_out_rewards(policy: FlowModel, rewards: dict[str, Reward], prompts: list[str], cfg: TrainConfig,
                      device: torch.device) -> dict[str, float]:
-    """Mean of every reward (optimised and held-out) over held-out prompts x fixed seeds, plus the
-    never-optimised ``heldout_diversity`` (pixel std across the seeds of a prompt; collapse -> 0)."""
-    per_prompt = cfg.eval_images_per_prompt
-    all_prompts = [p for p in prompts for _ in range(per_prompt)]
-    seeds = [derive_seed("eval", i % per_prompt) for i in range(len(all_prompts))]
-    images = sample_images(policy, all_prompts, seeds, cfg, device)
-    scores = score_phase(rewards, images, all_prompts)
-    return {**{name: float(torch.nanmean(value)) for name, value in scores.items()},
-            "heldout_diversity": seed_diversity(images, per_prompt)}
+    """Mean over every held-out prompt of every reward (optimised and held-out), each prompt x
+    ``cfg.eval_images_per_prompt`` seeds through the shared evaluation sampler, plus the never-optimised
+    ``heldout_diversity`` (pixel std across the seeds of a prompt; collapse -> 0)."""
+    from mixgrpo.eval_sampler import evaluate_policy
+
+    _, _, per_prompt = evaluate_policy(policy, rewards, prompts, cfg.eval_images_per_prompt, cfg, device)
+    return {name: float(torch.nanmean(values)) for name, values in per_prompt.items()}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -568,35 +546,92 @@ def truncate_metrics(path: Path, iteration: int) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-class MetricsLog:
-    """Append-only JSON-lines metrics file, mirrored to MLflow when a tracking URI is set."""
+def mlflow_metrics(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record as MLflow metrics with ``/``-separated names.
 
-    def __init__(self, path: Path, cfg: TrainConfig):
+    ``rewards.NAME.mean`` -> ``train/reward/NAME`` (``.std`` -> ``train/reward_std/NAME``),
+    ``held_out.NAME`` -> ``eval/held_out/NAME``, any other number ``KEY`` -> ``train/KEY``.
+    """
+    out = {}
+    for key, value in _flat(record).items():
+        if key in ("iteration", "final") or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            continue
+        parts = key.split("/")
+        if parts[0] == "rewards" and len(parts) == 3:
+            name = f"train/{'reward' if parts[2] == 'mean' else 'reward_' + parts[2]}/{parts[1]}"
+        elif parts[0] == "held_out":
+            name = "eval/" + key
+        else:
+            name = "train/" + key
+        out[name] = float(value)
+    return out
+
+
+class MetricsLog:
+    """Append-only JSON-lines metrics file, mirrored live to MLflow when a tracking URI is set, and a
+    progress line every few iterations when no tqdm bar runs (see :mod:`mixgrpo.console`).
+
+    MLflow: the run ``cfg.mlflow_run_id`` (the pipeline's) or a new one; params = the resolved config
+    and the git sha; one metric point per iteration (step = iteration) as it happens.
+    """
+
+    def __init__(self, path: Path, cfg: TrainConfig, start_iteration: int = 0, progress: bool = True):
+        from mixgrpo.console import progress_every
+
         self.path = path
         self.mlflow = None
-        if cfg.mlflow_tracking_uri:
-            import mlflow
+        self.total = cfg.max_iterations
+        self.every = progress_every(cfg.max_iterations) if progress else 0
+        self.started, self.start_iteration = time.perf_counter(), start_iteration
+        if cfg.mlflow_tracking_uri:  # a client, not mlflow's process-global fluent state
+            from mlflow import MlflowClient
+            from mlflow.entities import Param
 
             from mixgrpo.transport import check_secret_transport
 
             if os.environ.get("MLFLOW_TRACKING_TOKEN") and cfg.mlflow_tracking_uri.startswith("http"):
                 check_secret_transport(cfg.mlflow_tracking_uri, "$MLFLOW_TRACKING_TOKEN")
-            mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
-            mlflow.set_experiment(cfg.mlflow_experiment)
-            self.run = mlflow.start_run(run_name=Path(cfg.output_dir).name)
-            mlflow.log_params({k: str(v)[:250] for k, v in _flat(config_to_dict(cfg)).items()})
-            self.mlflow = mlflow
+            from mixgrpo.pipeline_steps import resolve_git_sha
+
+            client = MlflowClient(tracking_uri=cfg.mlflow_tracking_uri)
+            if cfg.mlflow_run_id:
+                client.update_run(cfg.mlflow_run_id, status="RUNNING")
+                run = client.get_run(cfg.mlflow_run_id)
+            else:
+                experiment = client.get_experiment_by_name(cfg.mlflow_experiment)
+                experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow_experiment)
+                run = client.create_run(experiment_id, run_name=Path(cfg.output_dir).name)
+            self.run_id = run.info.run_id
+            params = {k: str(v)[:250] for k, v in _flat(config_to_dict(cfg)).items()}
+            params["git_sha"] = resolve_git_sha() or "unknown"
+            new = [Param(k, v) for k, v in params.items() if k not in run.data.params]  # a resumed run has them
+            for start in range(0, len(new), 100):  # MLflow's limit per request
+                client.log_batch(self.run_id, params=new[start:start + 100])
+            self.mlflow = client
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.mlflow is not None:
-            numbers = {k: float(v) for k, v in _flat(record).items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            self.mlflow.log_metrics(numbers, step=int(record["iteration"]))
+            from mlflow.entities import Metric
+
+            now, step = int(time.time() * 1000), int(record["iteration"])
+            self.mlflow.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in mlflow_metrics(record).items()])
+        done = int(record["iteration"])
+        if self.every and "rewards" in record and (done % self.every == 0 or done == self.total):
+            from mixgrpo.console import progress_line, say
+
+            per_iteration = (time.perf_counter() - self.started) / max(done - self.start_iteration, 1)
+            say(progress_line(record, self.total, per_iteration))
+        elif self.every and record.get("final"):
+            from mixgrpo.console import held_out_line, say
+
+            say(held_out_line(record["held_out"]))
 
     def close(self) -> None:
         if self.mlflow is not None:
-            self.mlflow.end_run()
+            self.mlflow.set_terminated(self.run_id, "FINISHED")
 
 
 def _flat(mapping: dict, prefix: str = "") -> dict:
@@ -686,7 +721,8 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
             truncate_metrics(output_dir / "metrics.jsonl", start_iteration)
     elif not resume and main:
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    log = MetricsLog(output_dir / "metrics.jsonl", cfg) if main else None
+    bar = cfg.progress_bar and main and sys.stderr.isatty()  # tqdm on a terminal; progress lines elsewhere
+    log = MetricsLog(output_dir / "metrics.jsonl", cfg, start_iteration, progress=not bar) if main else None
 
     held_out_before = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
     best_dir = output_dir / "best"
@@ -699,7 +735,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
                  **({"validation": tracker.history[-1]} if cfg.select_best and tracker.history else {})})
 
     failure_guard = RewardFailureGuard(cfg.rewards.max_failed_fraction, cfg.rewards.failure_window)
-    for iteration in iterations_bar(start_iteration, cfg.max_iterations, cfg.progress_bar and main):
+    for iteration in iterations_bar(start_iteration, cfg.max_iterations, bar):
         timer = SectionTimer(dev)
         t0, cpu0 = time.perf_counter(), time.process_time()
         steps = sde_window(cfg, window, iteration)
@@ -776,6 +812,9 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
                 policy.save_pretrained(final_dir)
             else:
                 raw_module.save_pretrained(final_dir / "transformer", safe_serialization=True)
+        from mixgrpo.model_card import write_model_files
+
+        write_model_files(final_dir, cfg, held_out_before, held_out_after)  # mixgrpo_model.json, README.md
         if cfg.checkpoint_uri:
             from mixgrpo.storage import publish_dir
 
