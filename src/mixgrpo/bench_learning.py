@@ -29,16 +29,17 @@ LEARNING_MODES = ("dancegrpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star")
 SEED_BASE = 714
 TOY_CONFIG = Path(__file__).resolve().parent / "presets" / "toy.yaml"
 
-# The learning rate of each mode on the toy world, chosen by
+# The learning rate of each mode on the toy world. To be chosen by
 #   OMP_NUM_THREADS=1 mixgrpo bench --learning --lr-sweep 2e-5,5e-5,1e-4,2e-4
-# (one seed, the best final combined reward on the validation prompts).
-TUNED_LR: dict[str, float] = {
-    "dancegrpo": 1e-4,
-    "mixgrpo": 1e-4,
-    "mixgrpo-flash": 1e-4,
-    "mixgrpo-flash-star": 1e-4,
-    "all-sde": 1e-4,
-}
+# (one seed, the best final combined reward on the validation prompts); that sweep has not been run on
+# the current toy world yet, so every mode starts at the toy preset's 5e-5 (see the README).
+TUNED_LR: dict[str, float] = {mode: 5e-5 for mode in ("dancegrpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star", "all-sde")}
+
+# Per-mode settings that differ from the mode preset on the toy world. DanceGRPO's eta 0.3 (FLUX, 720 px)
+# injects 0.3*sqrt(-dt) ~ 0.035 per step where a 32x32 image's colour and shape are decided: its groups then
+# barely differ (within-group std of the colour reward 0.04 vs MixGRPO's 0.26) and the normalised
+# advantages are noise. At eta 0.7 (scoring the last x0 prediction, as DanceGRPO does) it improves.
+TOY_MODE_OVERRIDES: dict[str, dict[str, float]] = {"dancegrpo": {"sampling.eta": 0.7}}
 
 # Two-sided 95% Student t quantiles t_{0.975, df}; beyond the table the normal 1.96.
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -124,7 +125,7 @@ def plot_curves(curves: dict[str, list[dict]], png: Path) -> Path:
 
 
 def _config(mode: str, seed: int, lr: float, iterations: int, output_dir: Path, eval_prompts: str = ""):
-    return load_config(TOY_CONFIG, {
+    return load_config(TOY_CONFIG, {**TOY_MODE_OVERRIDES.get(mode, {}),
         "mode": mode, "seed": seed, "optim.lr": lr, "max_iterations": iterations,
         "eval_every": max(iterations // 8, 1), "eval_images_per_prompt": 4, "eval_prompts": eval_prompts,
         "select_best": False, "early_stop_patience": 0,
