@@ -237,7 +237,7 @@ def readme_commands() -> list[str]:
             line = line.split("  #")[0].strip()
             command = line[line.find("mixgrpo "):] if "mixgrpo " in line else ""
             if command and not any(t in command for t in (" | ", "|", "...", "[", "DIR s3://")):
-                out.append(line)
+                out.append(line.rstrip("'"))  # a command quoted inside `sh -c '...'` ends with the quote
     return out
 
 

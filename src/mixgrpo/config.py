@@ -209,7 +209,7 @@ class TrainConfig:
     """Prompts for best-checkpoint selection and early stopping (never trained on, never reported);
     "" = the toy world's validation split."""
     select_best: bool = False
-    """Evaluate on the validation prompts every ``eval_every`` iterations and write the best evaluation's
+    """Evaluate on the validation prompts at the start, every ``eval_every`` iterations and at the end, and write the best evaluation's
     weights to final/ (not the last): best combined optimised reward among the evaluations whose never-optimised
     measures hold (diversity >= ``selection_min_diversity`` x the base's, each held-out reward >= base - ``selection_tolerance``)."""
     selection_min_diversity: float = 0.8
@@ -217,7 +217,8 @@ class TrainConfig:
     selection_tolerance: float = 0.01
     """select_best: how far a held-out (never optimised) reward may fall below the base's and still qualify."""
     early_stop_patience: int = 0
-    """Stop when ``early_stop_patience`` validation evaluations in a row bring no new best (0 = never; needs select_best)."""
+    """Stop when ``early_stop_patience`` validation evaluations in a row bring no new best (0 = never; needs
+    select_best; with eval_every 0 there are no evaluations between the base and the end, so it never stops)."""
     output_dir: str = "runs/mixgrpo"
     checkpoint_every: int = 50
     checkpoint_uri: str = ""
@@ -465,9 +466,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (0 <= cfg.selection_min_diversity <= 1, "selection_min_diversity must be in [0, 1] (a fraction of the base's diversity)"),
         (cfg.selection_tolerance >= 0, "selection_tolerance must be >= 0"),
         (cfg.early_stop_patience >= 0, "early_stop_patience must be >= 0 (0 = never stop early)"),
-        (cfg.early_stop_patience == 0 or (cfg.select_best and cfg.eval_every > 0),
-         "early_stop_patience needs select_best=true and eval_every > 0 (it counts validation evaluations)"),
-        (not cfg.select_best or cfg.eval_every > 0, "select_best needs eval_every > 0 (how often to evaluate on the validation prompts)"),
+        (cfg.early_stop_patience == 0 or cfg.select_best,
+         "early_stop_patience needs select_best=true (it counts validation evaluations without a new best)"),
         (cfg.max_iterations >= 0, "max_iterations must be >= 0"),
         (cfg.prompts_per_iteration >= 1, "prompts_per_iteration must be >= 1"),
         (cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = only the final checkpoint)"),

@@ -773,7 +773,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
         done = iteration + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_iterations:
             record["held_out"] = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
-        if cfg.select_best and cfg.eval_every and done % cfg.eval_every == 0:
+        if cfg.select_best and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_iterations):
             select_if_best(tracker, done, policy, all_rewards, validation_prompts, cfg, world, optimizer, best_dir)
             record["validation"] = tracker.history[-1]
         if log:
