@@ -27,7 +27,7 @@ def cache_rewards(
     """
     import json
 
-    from mixgrpo.pipeline_steps import RunLayout, cache_rewards_step
+    from mixgrpo_pipelines.pipelines.steps import RunLayout, cache_rewards_step
 
     from mixgrpo.console import say
 

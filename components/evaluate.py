@@ -46,7 +46,7 @@ def evaluate(
     from collections import namedtuple
     from pathlib import Path
 
-    from mixgrpo.pipeline_steps import GATE_METRIC, RunLayout, eval_metrics, evaluate_step, markdown_report
+    from mixgrpo_pipelines.pipelines.steps import GATE_METRIC, RunLayout, eval_metrics, evaluate_step, markdown_report
 
     layout = RunLayout(object_store_uri, pipeline_run_id)
     out_dir = Path(tempfile.mkdtemp(prefix="mixgrpo-eval-out-"))

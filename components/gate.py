@@ -25,7 +25,7 @@ def gate(
     Returns:
         True when promote should run.
     """
-    from mixgrpo.pipeline_steps import gate_step
+    from mixgrpo_pipelines.pipelines.steps import gate_step
 
     decision = gate_step(tracking_uri=mlflow_tracking_uri, model_name=model_name, version=version,
                          gate_metric=gate_metric, gate_margin=gate_margin)

@@ -46,7 +46,7 @@ def prepare_prompts(
     from collections import namedtuple
     from pathlib import Path
 
-    from mixgrpo.pipeline_steps import prepare_step, prepared_prompts_uri
+    from mixgrpo_pipelines.pipelines.steps import prepare_step, prepared_prompts_uri
 
     output_uri = prepared_prompts_uri(object_store_uri, source_hash, column=column, test_fraction=test_fraction,
                                       min_prompts=min_prompts, seed=seed, model_uri=model_uri, model_kind=model_kind)

@@ -29,7 +29,7 @@ def promote(
     """
     import json
 
-    from mixgrpo.pipeline_steps import promote_step
+    from mixgrpo_pipelines.pipelines.steps import promote_step
 
     decision = promote_step(tracking_uri=mlflow_tracking_uri, model_name=model_name, version=version,
                             gate_metric=gate_metric, gate_margin=gate_margin)

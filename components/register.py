@@ -50,7 +50,7 @@ def register(
     import json
     from collections import namedtuple
 
-    from mixgrpo.pipeline_steps import register_step
+    from mixgrpo_pipelines.pipelines.steps import register_step
 
     out = register_step(
         tracking_uri=mlflow_tracking_uri, model_name=model_name, experiment=experiment, weights_uri=weights_uri,

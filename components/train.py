@@ -85,7 +85,7 @@ def train(
     import tempfile
     from collections import namedtuple
 
-    from mixgrpo.pipeline_steps import RunLayout, train_overrides, train_step
+    from mixgrpo_pipelines.pipelines.steps import RunLayout, train_overrides, train_step
 
     overrides = train_overrides(
         model_uri=model_uri, model_kind=model_kind, mode=mode, rewards=rewards, reward_weights=reward_weights,

@@ -167,7 +167,7 @@ def run_local(store: str | None = None, mlflow: str | None = None, *, local_dir:
     """
     import kfp.local
 
-    from mixgrpo.pipeline_steps import registry_settings
+    from mixgrpo_pipelines.pipelines.steps import registry_settings
     from mixgrpo.registry import CHAMPION, alias_version
     from mixgrpo.storage import fetch_dir
     from mixgrpo_pipelines.pipelines.mixgrpo_pipeline import mixgrpo_pipeline

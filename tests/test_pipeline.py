@@ -1,6 +1,6 @@
 """The KFP pipeline: compilation, the committed YAML, and each step's logic through the library.
 
-The steps run exactly the functions the components call (``mixgrpo.pipeline_steps``) on tiny
+The steps run exactly the functions the components call (``mixgrpo_pipelines.pipelines.steps``) on tiny
 inputs: a ``file://`` object store in tmp_path and an sqlite MLflow store (the embedded default).
 The end-to-end run through ``kfp.local`` against real S3 and MLflow servers is in
 ``test_pipeline_e2e.py``.
@@ -8,6 +8,7 @@ The end-to-end run through ``kfp.local`` against real S3 and MLflow servers is i
 
 import ast
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
-from mixgrpo import pipeline_steps as steps  # noqa: E402
+from mixgrpo_pipelines.pipelines import steps  # noqa: E402
 from mixgrpo.data import DataError, PromptValidationError  # noqa: E402
 from mixgrpo.registry import CHALLENGER, CHAMPION, RegistryError  # noqa: E402
 from mixgrpo.storage import NotFoundError, publish_dir, read_manifest  # noqa: E402
@@ -120,14 +121,31 @@ def test_layering_library_never_imports_kfp_and_components_import_mixgrpo_in_bod
         tree = ast.parse(path.read_text())
         assert "kfp" not in imported(list(ast.walk(tree))), path
         assert "mixgrpo_pipelines" not in imported(tree.body), f"{path}: import the pipeline layer lazily"
-    code = "import sys, mixgrpo.cli, mixgrpo.pipeline_steps; print(sorted(m for m in sys.modules if m.startswith('kfp')))"
+    code = "import sys, mixgrpo.cli, mixgrpo_pipelines.pipelines.steps; print(sorted(m for m in sys.modules if m.startswith('kfp')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[]"  # the steps' glue runs in the trainer image without kfp
     for path in (REPO / "components").glob("*.py"):
         if path.name in ("__init__.py", "images.py"):
             continue
         top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
         assert not [n for n in top if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "mixgrpo"], path
+
+
+def test_importing_every_library_module_imports_neither_kfp_nor_the_pipeline_layer() -> None:
+    """The library is self-contained: every module of ``mixgrpo`` imports without ``kfp`` / ``mixgrpo_pipelines``."""
+    code = ("import importlib, json, pkgutil, sys, mixgrpo\n"
+            "names = sorted(m.name for m in pkgutil.walk_packages(mixgrpo.__path__, 'mixgrpo.'))\n"
+            "for name in names: importlib.import_module(name)\n"
+            "layer = sorted(m for m in sys.modules if m.split('.')[0] in ('kfp', 'mixgrpo_pipelines'))\n"
+            "print(json.dumps({'modules': names, 'pipeline_layer': layer}))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    library = {"mixgrpo." + ".".join(p.relative_to(REPO / "src" / "mixgrpo").with_suffix("").parts)
+               for p in (REPO / "src" / "mixgrpo").rglob("*.py") if p.name != "__init__.py"}
+    assert library <= set(found["modules"]), sorted(library - set(found["modules"]))  # every module was imported
+    assert found["pipeline_layer"] == [], found["pipeline_layer"]
 
 
 # --------------------------------------------------------------------------- prepare-prompts

@@ -206,7 +206,7 @@ def evaluate(cfg: TrainConfig, tuned_dir: str | Path, out_dir: str | Path, *, pr
 
 def config_provenance(cfg: TrainConfig, training_metrics: str | Path | None = None) -> dict[str, Any]:
     """What produced the tuned weights: mode, iterations, learning rate, base model, git sha."""
-    from mixgrpo.pipeline_steps import resolve_git_sha
+    from mixgrpo.provenance import resolve_git_sha
 
     iterations = cfg.max_iterations
     if training_metrics and Path(training_metrics).is_file():

@@ -592,7 +592,7 @@ class MetricsLog:
 
             if os.environ.get("MLFLOW_TRACKING_TOKEN") and cfg.mlflow_tracking_uri.startswith("http"):
                 check_secret_transport(cfg.mlflow_tracking_uri, "$MLFLOW_TRACKING_TOKEN")
-            from mixgrpo.pipeline_steps import resolve_git_sha
+            from mixgrpo.provenance import resolve_git_sha
 
             client = MlflowClient(tracking_uri=cfg.mlflow_tracking_uri)
             if cfg.mlflow_run_id:

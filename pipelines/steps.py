@@ -1,4 +1,4 @@
-"""The library side of the pipeline's steps: what each KFP component calls (no kfp import here).
+"""The pipeline's steps: what each KFP component calls (no kfp import here; the library never imports this).
 
 Every step reads and writes the object store by URI (``s3://`` or ``file://``) under one run
 prefix, laid out by :class:`RunLayout`::
@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mixgrpo.provenance import resolve_git_sha
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +112,6 @@ def check_rewards(names: Sequence[str], what: str = "rewards") -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise StepError(f"{what}: unknown reward {', '.join(map(repr, unknown))}; known rewards: {', '.join(known)}")
-
-
-def resolve_git_sha(given: str = "") -> str:
-    """The argument, else $MIXGRPO_IMAGE_TAG (images record their commit there), else the checkout's commit."""
-    if given:
-        return given
-    from mixgrpo.images_config import TAG_ENV, git_sha
-
-    return os.environ.get(TAG_ENV) or git_sha() or ""
 
 
 # --------------------------------------------------------------------------- prepare-prompts
@@ -455,12 +448,12 @@ def run_train_job(job_dir: str | Path, procs: int = 1, metrics_uri: str = "", en
 
 
 def train_node_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of a TrainJob node: ``python -m mixgrpo.pipeline_steps train-node --job-uri URI ...``."""
+    """Entry point of a TrainJob node: ``python -m mixgrpo_pipelines.pipelines.steps train-node --job-uri URI ...``."""
     import argparse
 
     from mixgrpo.storage import fetch_dir
 
-    parser = argparse.ArgumentParser(prog="python -m mixgrpo.pipeline_steps train-node")
+    parser = argparse.ArgumentParser(prog="python -m mixgrpo_pipelines.pipelines.steps train-node")
     parser.add_argument("--job-uri", required=True, help="the train-job/ prefix the launcher step published")
     parser.add_argument("--metrics-uri", default="", help="where node 0 publishes metrics.jsonl")
     parser.add_argument("--procs", type=int, default=int(os.environ.get("PET_NPROC_PER_NODE", "1") or 1))
@@ -479,7 +472,7 @@ def _run_trainjob(layout: RunLayout, num_nodes: int, procs: int, options: dict[s
     name = f"mixgrpo-{re.sub(r'[^a-z0-9-]', '-', layout.run_id.lower())}"[:63].rstrip("-")
     spec = TrainJobSpec(
         name=name, namespace=namespace, image=image_ref("trainer"),
-        command=("python", "-m", "mixgrpo.pipeline_steps", "train-node", "--job-uri", layout.train_job,
+        command=("python", "-m", "mixgrpo_pipelines.pipelines.steps", "train-node", "--job-uri", layout.train_job,
                  "--metrics-uri", layout.train_metrics, "--procs", str(procs)),
         num_nodes=num_nodes, gpus_per_node=procs, queue=options.get("queue") or None,
         pipeline_run_id=layout.run_id[:63] if re.fullmatch(r"[A-Za-z0-9._-]{1,63}", layout.run_id[:63]) else None,
@@ -693,7 +686,7 @@ def model_aliases(tracking_uri: str, model_name: str, version: str) -> list[str]
     return sorted(client.get_model_version(settings.model_name, version).aliases)
 
 
-if __name__ == "__main__":  # a TrainJob node: python -m mixgrpo.pipeline_steps train-node --job-uri ...
+if __name__ == "__main__":  # a TrainJob node: python -m mixgrpo_pipelines.pipelines.steps train-node --job-uri ...
     if sys.argv[1:2] != ["train-node"]:
-        sys.exit("usage: python -m mixgrpo.pipeline_steps train-node --job-uri URI [--metrics-uri URI] [--procs N]")
+        sys.exit("usage: python -m mixgrpo_pipelines.pipelines.steps train-node --job-uri URI [--metrics-uri URI] [--procs N]")
     sys.exit(train_node_main(sys.argv[2:]))
