@@ -19,8 +19,8 @@ def evaluate(
     metrics: Output[Metrics],
     report_html: Output[HTML],
     report_md: Output[Markdown],
-    images_per_prompt: int = 4,
-    max_prompts: int = 0,
+    images_per_prompt: int,
+    max_prompts: int,
 ) -> NamedTuple("Evaluated", metrics_json=str, eval_uri=str, gate_value=float):
     """Score the base and tuned models on the held-out split with the same seeds; report with the image grid.
 

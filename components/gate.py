@@ -8,10 +8,10 @@ from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
 def gate(
     version: str,
-    mlflow_tracking_uri: str = "",
-    model_name: str = "mixgrpo-dit",
-    gate_metric: str = "reward_normalized_mean",
-    gate_margin: float = 0.0,
+    mlflow_tracking_uri: str,
+    model_name: str,
+    gate_metric: str,
+    gate_margin: float,
 ) -> bool:
     """Decide whether the version should become `champion`: no champion yet, or its metric beats the champion's by the margin.
 

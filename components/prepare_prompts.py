@@ -15,12 +15,12 @@ def prepare_prompts(
     source_hash: str,
     validation_report: Output[Markdown],
     prompt_set: Output[Dataset],
-    column: str = "",
-    test_fraction: float = 0.2,
-    min_prompts: int = 16,
-    seed: int = 0,
-    model_uri: str = "",
-    model_kind: str = "toy",
+    column: str,
+    test_fraction: float,
+    min_prompts: int,
+    seed: int,
+    model_uri: str,
+    model_kind: str,
 ) -> NamedTuple("PreparedPrompts", prompts_uri=str, dataset_hash=str, n_train=int, n_test=int):
     """Prepare the prompt data set: clean, validate with great-expectations, split train / test, publish.
 

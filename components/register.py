@@ -17,12 +17,12 @@ def register(
     config_hash: str,
     dataset_hash: str,
     pipeline_run_id: str,
-    mlflow_tracking_uri: str = "",
-    model_name: str = "mixgrpo-dit",
-    experiment: str = "mixgrpo",
-    git_sha: str = "",
-    gate_metric: str = "reward_normalized_mean",
-    mlflow_run_id: str = "",
+    mlflow_tracking_uri: str,
+    model_name: str,
+    experiment: str,
+    git_sha: str,
+    gate_metric: str,
+    mlflow_run_id: str,
 ) -> NamedTuple("Registered", version=str, mlflow_run_id=str):
     """Log the run (metrics, reward curves, grid, report) to MLflow and register the weights as a new version.
 

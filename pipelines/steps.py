@@ -251,31 +251,37 @@ def cache_rewards_step(rewards: str, held_out: str, weight_sources: str, dest_ur
 # --------------------------------------------------------------------------- train
 
 
-def train_overrides(*, model_uri: str = "", model_kind: str = "toy", mode: str = "mixgrpo", rewards: str = "",
-                    reward_weights: str = "", held_out: str = "", reward_options: Mapping[str, Any] | None = None,
-                    iterations: int = 40, group_size: int = 8, prompts_per_iteration: int = 4,
-                    train_batch_size: int = 8, learning_rate: float = 1e-5, window_size: int = 4,
-                    window_shift_interval: int = 10, window_strategy: str = "", seed: int = 714,
-                    engine: str = "none", extra: str = "") -> dict[str, Any]:
-    """The pipeline parameters as ``section.key`` overrides of :func:`mixgrpo.config.load_config`.
+def train_overrides(*, reward_options: Mapping[str, Any] | None = None, extra: str = "",
+                    **params: Any) -> dict[str, Any]:
+    """The pipeline's training parameters as ``section.key`` overrides of :func:`mixgrpo.config.load_config`.
 
-    ``window_strategy`` "" keeps the mode's preset (the baselines set "all"). ``extra``: more
-    ``section.key=value`` overrides, one per line (or ``;``-separated); they win.
+    ``params``: parameters of :data:`~mixgrpo_pipelines.pipelines.parameters.TRAINING_PARAMETERS` by
+    their pipeline names (a missing one takes its default, the config's). A parameter left at its
+    default whose key the mode's preset sets is left to the preset (``mode=dancegrpo``:
+    ``window.strategy`` "all"). ``extra``: more ``section.key=value`` overrides, one per line (or
+    ``;``-separated); they win.
     """
-    from mixgrpo.config import parse_override
+    from mixgrpo.config import MODE_PRESETS, parse_override
+    from mixgrpo_pipelines.pipelines.parameters import TRAINING_PARAMETERS, config_defaults
 
-    weights = {k: _number(v, f"reward_weights {k}") for k, v in parse_mapping(reward_weights, "reward_weights").items()}
-    values: dict[str, Any] = {
-        "mode": mode, "seed": seed, "max_iterations": iterations, "prompts_per_iteration": prompts_per_iteration,
-        "model.kind": model_kind, "model.path": model_uri, "sampling.group_size": group_size,
-        "optim.train_batch_size": train_batch_size, "optim.lr": learning_rate, "window.size": window_size,
-        "window.shift_interval": window_shift_interval, "rewards.names": parse_names(rewards, "rewards"),
-        "rewards.weights": weights, "rewards.held_out": parse_names(held_out, "held_out_rewards"),
-        "rewards.options": dict(reward_options or {}), "distributed.engine": engine, "progress_bar": False,
-        "eval_every": max(1, iterations // 8), "checkpoint_every": 0,
-    }
-    if window_strategy:
-        values["window.strategy"] = window_strategy
+    unknown = sorted(set(params) - set(TRAINING_PARAMETERS))
+    if unknown:
+        raise StepError(f"train_overrides: {unknown} are not training parameters (known: {', '.join(TRAINING_PARAMETERS)})")
+    defaults = config_defaults()
+    params = {**defaults, **params}
+    if params["mode"] not in MODE_PRESETS:
+        raise StepError(f"mode={params['mode']!r}: use one of {', '.join(MODE_PRESETS)}")
+    preset = MODE_PRESETS[params["mode"]]
+    parse = {"rewards": lambda v: parse_names(v, "rewards"), "held_out_rewards": lambda v: parse_names(v, "held_out_rewards"),
+             "reward_weights": lambda v: {k: _number(w, f"reward_weights {k}")
+                                          for k, w in parse_mapping(v, "reward_weights").items()}}
+    values: dict[str, Any] = {}
+    for name, key in TRAINING_PARAMETERS.items():
+        if key in preset and params[name] == defaults[name]:
+            continue  # left at its default: the mode's preset decides
+        values[key] = parse[name](params[name]) if name in parse else params[name]
+    values.update({"rewards.options": dict(reward_options or {}), "progress_bar": False,
+                   "eval_every": max(1, int(params["iterations"]) // 8), "checkpoint_every": 0})
     for line in re.split(r"[\n;]", extra or ""):
         if line.strip():
             key, value = parse_override(line.strip())

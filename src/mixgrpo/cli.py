@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="defaults: object store runs/local/store (file://), MLflow runs/local/mlflow.db (sqlite)")
     p.add_argument("--store", help="object-store root, e.g. s3://bucket/prefix (credentials from AWS_* variables)")
     p.add_argument("--mlflow", help="MLflow tracking URI, e.g. http://127.0.0.1:5000")
-    p.add_argument("--iterations", type=int, help="training iterations (pipeline default: 40)")
+    p.add_argument("--preset", help="training preset under the --param values: a shipped name or a YAML file; none "
+                   "= the pipeline defaults (default: toy, see `mixgrpo config --config toy`; none with a model_uri)")
+    p.add_argument("--iterations", type=int, help="training iterations (default: the preset's max_iterations)")
     p.add_argument("--gate-margin", type=float, help="the new version must beat the champion by more than this")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="any pipeline parameter (repeatable)")
     p.add_argument("--json", action="store_true", help="after the table, print one JSON object on the last line")

@@ -571,6 +571,11 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config as ``{"section.key": value}`` (mappings such as ``rewards.weights`` stay values)."""
+    return _flatten(config_to_dict(cfg))
+
+
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Rebuild a config saved by ``config_to_dict`` (e.g. from a checkpoint)."""
     return load_config(overrides=_flatten(values))
