@@ -105,7 +105,7 @@ def test_training_logs_every_iteration_to_mlflow_while_it_runs(trained: Path) ->
 
 
 def test_mlflow_metric_names_are_slash_separated() -> None:
-    from mixgrpo.train import mlflow_metrics
+    from mixgrpo.tracking import mlflow_metrics
 
     record = {"iteration": 3, "rewards": {"toy_shape": {"mean": 0.5, "std": 0.1}}, "held_out": {"toy_shape": 0.4},
               "approx_kl": 0.01, "seconds": {"total": 1.5}, "final": True, "loss": float("nan")}

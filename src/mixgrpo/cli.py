@@ -70,7 +70,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from mixgrpo.eval_sampler import sample_eval_images
     from mixgrpo.images import save_grid, to_pil
     from mixgrpo.model_source import load_policy, resolve_model_source
-    from mixgrpo.train import build_policy, load_prompts
+    from mixgrpo.policies import build_policy
+    from mixgrpo.train import load_prompts
 
     cfg = load_config(args.config, args.overrides)
     prompts = list(args.prompt or []) + (load_prompts(args.prompts, "test") if args.prompts else [])
@@ -329,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as error:  # storage outages, corrupt checkpoints, reward outages: one line naming the cause
         from mixgrpo.storage import StorageError
-        from mixgrpo.train import CheckpointError, RewardOutageError
+        from mixgrpo.checkpoint import CheckpointError
+        from mixgrpo.train import RewardOutageError
 
         if not isinstance(error, (StorageError, CheckpointError, RewardOutageError)):
             raise

@@ -33,7 +33,8 @@ from mixgrpo.images import image_grid, to_pil
 from mixgrpo.models.base import FlowModel
 from mixgrpo.rewards.base import build_reward
 from mixgrpo.stats import bootstrap_ci, paired_bootstrap_ci
-from mixgrpo.train import build_policy, load_prompts
+from mixgrpo.policies import build_policy
+from mixgrpo.train import load_prompts
 
 # The published reporting scales (spec section 7/9): HPS raw cosine, PickScore /100, ImageReward as its
 # library reports it ((r - 0.16717)/1.03334), UnifiedReward's 1-5 alignment score. Training may use others.
