@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
+from mixgrpo_pipelines.components.container_images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)

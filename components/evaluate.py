@@ -5,7 +5,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Markdown, Metrics, Output
 
-from mixgrpo_pipelines.components.images import EVALUATOR_IMAGE
+from mixgrpo_pipelines.components.container_images import EVALUATOR_IMAGE
 
 
 @dsl.component(base_image=EVALUATOR_IMAGE, install_kfp_package=False)

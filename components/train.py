@@ -5,7 +5,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Model, Output
 
-from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
+from mixgrpo_pipelines.components.container_images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)

@@ -14,15 +14,15 @@ from mixgrpo_pipelines.components import cache_rewards, evaluate, gate, hash_pro
 from mixgrpo_pipelines.pipelines.parameters import config_defaults
 
 PIPELINE_NAME = "mixgrpo"
-S3_SECRET = "mixgrpo-s3"  # = mixgrpo.launcher.S3_SECRET (manifests/secrets/s3.template.yaml)
-MLFLOW_SECRET = "mixgrpo-mlflow"  # = mixgrpo.launcher.MLFLOW_SECRET
+S3_SECRET = "mixgrpo-s3"  # = mixgrpo.trainjob.S3_SECRET (manifests/secrets/s3.template.yaml)
+MLFLOW_SECRET = "mixgrpo-mlflow"  # = mixgrpo.trainjob.MLFLOW_SECRET
 LAUNCHER_SERVICE_ACCOUNT = "mixgrpo-launcher"  # set on the run by `mixgrpo pipeline submit` (see README)
 CONFIG = config_defaults()  # the training parameters' defaults are the config's (parameters.CONFIG_KEYS)
 S3_RETRY = dict(num_retries=3, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="600s")
 
 
 def _secret_env(task: dsl.PipelineTask, s3: bool = True, mlflow: bool = False) -> dsl.PipelineTask:
-    """Credentials from the Kubernetes secrets (never from parameters), as mixgrpo.launcher.DEFAULT_SECRET_ENV."""
+    """Credentials from the Kubernetes secrets (never from parameters), as mixgrpo.trainjob.DEFAULT_SECRET_ENV."""
     if s3:
         kubernetes.use_secret_as_env(task, S3_SECRET, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                         "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})

@@ -372,7 +372,7 @@ def train_step(overrides: Mapping[str, Any], prompts_uri: str, layout: RunLayout
 
     ``executor`` "local": in this process (``num_nodes * procs_per_node == 1``) or torchrun on this
     machine (one node). "kubernetes": a Kubeflow Trainer TrainJob of ``num_nodes`` x
-    ``procs_per_node`` GPUs through :mod:`mixgrpo.launcher` (``kubernetes``: namespace, queue,
+    ``procs_per_node`` GPUs through :mod:`mixgrpo.trainjob` (``kubernetes``: namespace, queue,
     timeout_s). Checkpoints go to ``layout.train``, so a retried step resumes from the last one.
     """
     from mixgrpo.config import config_hash, config_to_yaml
@@ -471,8 +471,8 @@ def train_node_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_trainjob(layout: RunLayout, num_nodes: int, procs: int, options: dict[str, Any]) -> None:
-    from mixgrpo.images_config import image_ref
-    from mixgrpo.launcher import TrainJobSpec, WaitPolicy, connect, run_trainjob
+    from mixgrpo.container_images import image_ref
+    from mixgrpo.trainjob import TrainJobSpec, WaitPolicy, connect, run_trainjob
 
     namespace = options.get("namespace") or _pod_namespace()
     name = f"mixgrpo-{re.sub(r'[^a-z0-9-]', '-', layout.run_id.lower())}"[:63].rstrip("-")

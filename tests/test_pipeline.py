@@ -125,7 +125,7 @@ def test_layering_library_never_imports_kfp_and_components_import_mixgrpo_in_bod
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"  # the steps' glue runs in the trainer image without kfp
     for path in (REPO / "components").glob("*.py"):
-        if path.name in ("__init__.py", "images.py"):
+        if path.name in ("__init__.py", "container_images.py"):
             continue
         top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
         assert not [n for n in top if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "mixgrpo"], path

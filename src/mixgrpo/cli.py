@@ -68,7 +68,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from mixgrpo.config import load_config
     from mixgrpo.eval_sampler import sample_eval_images
-    from mixgrpo.images import save_grid, to_pil
+    from mixgrpo.grids import save_grid, to_pil
     from mixgrpo.model_source import load_policy, resolve_model_source
     from mixgrpo.policies import build_policy
     from mixgrpo.train import load_prompts

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from mixgrpo.config import TrainConfig
-from mixgrpo.images import seed_diversity_per_prompt
+from mixgrpo.grids import seed_diversity_per_prompt
 from mixgrpo.models.base import FlowModel
 from mixgrpo.rewards.base import Reward
 from mixgrpo.sampling import flow_sigmas, mixed_rollout

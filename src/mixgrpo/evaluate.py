@@ -29,7 +29,7 @@ import torch
 
 from mixgrpo.config import TrainConfig
 from mixgrpo.eval_sampler import DIVERSITY, eval_seeds, evaluate_policy
-from mixgrpo.images import image_grid, to_pil
+from mixgrpo.grids import image_grid, to_pil
 from mixgrpo.models.base import FlowModel
 from mixgrpo.rewards.base import build_reward
 from mixgrpo.stats import bootstrap_ci, paired_bootstrap_ci
