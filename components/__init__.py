@@ -3,7 +3,7 @@
 Installed as ``mixgrpo_pipelines.components`` (pyproject's package-dir).
 
 Each component imports ``mixgrpo`` inside its function body (the function's source is what runs
-in the container); the logic lives in :mod:`mixgrpo.pipeline_steps` and the modules it calls.
+in the container); the logic lives in :mod:`mixgrpo_pipelines.pipelines.steps` and the modules it calls.
 """
 
 from mixgrpo_pipelines.components.cache_rewards import cache_rewards

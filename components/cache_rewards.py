@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
+from mixgrpo_pipelines.components.container_images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
@@ -27,7 +27,7 @@ def cache_rewards(
     """
     import json
 
-    from mixgrpo.pipeline_steps import RunLayout, cache_rewards_step
+    from mixgrpo_pipelines.pipelines.steps import RunLayout, cache_rewards_step
 
     from mixgrpo.console import say
 

@@ -5,7 +5,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Markdown, Metrics, Output
 
-from mixgrpo_pipelines.components.images import EVALUATOR_IMAGE
+from mixgrpo_pipelines.components.container_images import EVALUATOR_IMAGE
 
 
 @dsl.component(base_image=EVALUATOR_IMAGE, install_kfp_package=False)
@@ -19,8 +19,8 @@ def evaluate(
     metrics: Output[Metrics],
     report_html: Output[HTML],
     report_md: Output[Markdown],
-    images_per_prompt: int = 4,
-    max_prompts: int = 0,
+    images_per_prompt: int,
+    max_prompts: int,
 ) -> NamedTuple("Evaluated", metrics_json=str, eval_uri=str, gate_value=float):
     """Score the base and tuned models on the held-out split with the same seeds; report with the image grid.
 
@@ -46,7 +46,7 @@ def evaluate(
     from collections import namedtuple
     from pathlib import Path
 
-    from mixgrpo.pipeline_steps import GATE_METRIC, RunLayout, eval_metrics, evaluate_step, markdown_report
+    from mixgrpo_pipelines.pipelines.steps import GATE_METRIC, RunLayout, eval_metrics, evaluate_step, markdown_report
 
     layout = RunLayout(object_store_uri, pipeline_run_id)
     out_dir = Path(tempfile.mkdtemp(prefix="mixgrpo-eval-out-"))

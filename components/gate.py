@@ -2,16 +2,16 @@
 
 from kfp import dsl
 
-from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
+from mixgrpo_pipelines.components.container_images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
 def gate(
     version: str,
-    mlflow_tracking_uri: str = "",
-    model_name: str = "mixgrpo-dit",
-    gate_metric: str = "reward_normalized_mean",
-    gate_margin: float = 0.0,
+    mlflow_tracking_uri: str,
+    model_name: str,
+    gate_metric: str,
+    gate_margin: float,
 ) -> bool:
     """Decide whether the version should become `champion`: no champion yet, or its metric beats the champion's by the margin.
 
@@ -25,7 +25,7 @@ def gate(
     Returns:
         True when promote should run.
     """
-    from mixgrpo.pipeline_steps import gate_step
+    from mixgrpo_pipelines.pipelines.steps import gate_step
 
     decision = gate_step(tracking_uri=mlflow_tracking_uri, model_name=model_name, version=version,
                          gate_metric=gate_metric, gate_margin=gate_margin)

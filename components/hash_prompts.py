@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
+from mixgrpo_pipelines.components.container_images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
@@ -16,7 +16,7 @@ def hash_prompts(prompt_uri: str) -> str:
         The sha256 (hex) of the source's bytes.
     """
     from mixgrpo.console import say
-    from mixgrpo.pipeline_steps import prompt_source_hash
+    from mixgrpo_pipelines.pipelines.steps import prompt_source_hash
 
     digest = prompt_source_hash(prompt_uri)
     say(f"prompt source sha256 {digest[:12]}")

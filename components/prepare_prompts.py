@@ -5,7 +5,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Output
 
-from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
+from mixgrpo_pipelines.components.container_images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
@@ -15,12 +15,12 @@ def prepare_prompts(
     source_hash: str,
     validation_report: Output[Markdown],
     prompt_set: Output[Dataset],
-    column: str = "",
-    test_fraction: float = 0.2,
-    min_prompts: int = 16,
-    seed: int = 0,
-    model_uri: str = "",
-    model_kind: str = "toy",
+    column: str,
+    test_fraction: float,
+    min_prompts: int,
+    seed: int,
+    model_uri: str,
+    model_kind: str,
 ) -> NamedTuple("PreparedPrompts", prompts_uri=str, dataset_hash=str, n_train=int, n_test=int):
     """Prepare the prompt data set: clean, validate with great-expectations, split train / test, publish.
 
@@ -46,7 +46,7 @@ def prepare_prompts(
     from collections import namedtuple
     from pathlib import Path
 
-    from mixgrpo.pipeline_steps import prepare_step, prepared_prompts_uri
+    from mixgrpo_pipelines.pipelines.steps import prepare_step, prepared_prompts_uri
 
     output_uri = prepared_prompts_uri(object_store_uri, source_hash, column=column, test_fraction=test_fraction,
                                       min_prompts=min_prompts, seed=seed, model_uri=model_uri, model_kind=model_kind)

@@ -2,16 +2,16 @@
 
 from kfp import dsl
 
-from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
+from mixgrpo_pipelines.components.container_images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
 def promote(
     version: str,
-    mlflow_tracking_uri: str = "",
-    model_name: str = "mixgrpo-dit",
-    gate_metric: str = "reward_normalized_mean",
-    gate_margin: float = 0.0,
+    mlflow_tracking_uri: str,
+    model_name: str,
+    gate_metric: str,
+    gate_margin: float,
 ) -> str:
     """Move `champion` to the version when its gate metric beats the champion's by the margin (no champion: promote).
 
@@ -29,7 +29,7 @@ def promote(
     """
     import json
 
-    from mixgrpo.pipeline_steps import promote_step
+    from mixgrpo_pipelines.pipelines.steps import promote_step
 
     decision = promote_step(tracking_uri=mlflow_tracking_uri, model_name=model_name, version=version,
                             gate_metric=gate_metric, gate_margin=gate_margin)

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
+from mixgrpo_pipelines.components.container_images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
@@ -17,12 +17,12 @@ def register(
     config_hash: str,
     dataset_hash: str,
     pipeline_run_id: str,
-    mlflow_tracking_uri: str = "",
-    model_name: str = "mixgrpo-dit",
-    experiment: str = "mixgrpo",
-    git_sha: str = "",
-    gate_metric: str = "reward_normalized_mean",
-    mlflow_run_id: str = "",
+    mlflow_tracking_uri: str,
+    model_name: str,
+    experiment: str,
+    git_sha: str,
+    gate_metric: str,
+    mlflow_run_id: str,
 ) -> NamedTuple("Registered", version=str, mlflow_run_id=str):
     """Log the run (metrics, reward curves, grid, report) to MLflow and register the weights as a new version.
 
@@ -50,7 +50,7 @@ def register(
     import json
     from collections import namedtuple
 
-    from mixgrpo.pipeline_steps import register_step
+    from mixgrpo_pipelines.pipelines.steps import register_step
 
     out = register_step(
         tracking_uri=mlflow_tracking_uri, model_name=model_name, experiment=experiment, weights_uri=weights_uri,

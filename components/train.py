@@ -5,7 +5,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Model, Output
 
-from mixgrpo_pipelines.components.images import RUNTIME_IMAGE
+from mixgrpo_pipelines.components.container_images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
@@ -15,34 +15,36 @@ def train(
     object_store_uri: str,
     pipeline_run_id: str,
     tuned_model: Output[Model],
-    model_uri: str = "",
-    model_kind: str = "toy",
-    mode: str = "mixgrpo",
-    rewards: str = "toy_object_color,toy_background,toy_shape",
-    reward_weights: str = "",
-    held_out_rewards: str = "toy_heldout_realism",
-    iterations: int = 40,
-    group_size: int = 8,
-    prompts_per_iteration: int = 4,
-    train_batch_size: int = 8,
-    learning_rate: float = 1e-5,
-    window_size: int = 4,
-    window_shift_interval: int = 10,
-    window_strategy: str = "",
-    seed: int = 714,
-    executor: str = "local",
-    num_nodes: int = 1,
-    gpus_per_node: int = 1,
-    engine: str = "none",
-    extra_overrides: str = "",
-    train_namespace: str = "",
-    kueue_queue: str = "",
-    train_timeout_hours: float = 72.0,
-    mlflow_tracking_uri: str = "",
-    mlflow_experiment: str = "mixgrpo",
-    git_sha: str = "",
+    model_uri: str,
+    model_kind: str,
+    mode: str,
+    rewards: str,
+    reward_weights: str,
+    held_out_rewards: str,
+    iterations: int,
+    group_size: int,
+    prompts_per_iteration: int,
+    train_batch_size: int,
+    learning_rate: float,
+    window_size: int,
+    window_shift_interval: int,
+    window_strategy: str,
+    seed: int,
+    executor: str,
+    num_nodes: int,
+    gpus_per_node: int,
+    engine: str,
+    extra_overrides: str,
+    train_namespace: str,
+    kueue_queue: str,
+    train_timeout_hours: float,
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    git_sha: str,
 ) -> NamedTuple("Trained", weights_uri=str, metrics_uri=str, config_hash=str, config_json=str, mlflow_run_id=str):
     """Train the policy with MixGRPO; checkpoints and the final weights go to OBJECT_STORE/runs/RUN_ID/train.
+
+    No defaults here: the pipeline passes every input (its defaults: mixgrpo_pipelines.pipelines.parameters).
 
     Args:
         prompts_uri: The prepared prompt data set.
@@ -63,7 +65,7 @@ def train(
         learning_rate: AdamW learning rate.
         window_size: SDE steps in the sliding window.
         window_shift_interval: Iterations before the window moves.
-        window_strategy: progressive, random, frozen, ...; "" = the mode's preset.
+        window_strategy: progressive, random, frozen, linear_decay, exp_decay or all.
         seed: Training seed.
         executor: local (this pod / machine) or kubernetes (a Kubeflow Trainer TrainJob).
         num_nodes: Nodes of the TrainJob (local: 1).
@@ -85,14 +87,15 @@ def train(
     import tempfile
     from collections import namedtuple
 
-    from mixgrpo.pipeline_steps import RunLayout, train_overrides, train_step
+    from mixgrpo_pipelines.pipelines.steps import RunLayout, train_overrides, train_step
 
     overrides = train_overrides(
-        model_uri=model_uri, model_kind=model_kind, mode=mode, rewards=rewards, reward_weights=reward_weights,
-        held_out=held_out_rewards, reward_options=json.loads(reward_options or "{}"), iterations=iterations,
-        group_size=group_size, prompts_per_iteration=prompts_per_iteration, train_batch_size=train_batch_size,
-        learning_rate=learning_rate, window_size=window_size, window_shift_interval=window_shift_interval,
-        window_strategy=window_strategy, seed=seed, engine=engine, extra=extra_overrides)
+        reward_options=json.loads(reward_options or "{}"), extra=extra_overrides, model_uri=model_uri,
+        model_kind=model_kind, mode=mode, rewards=rewards, reward_weights=reward_weights,
+        held_out_rewards=held_out_rewards, iterations=iterations, group_size=group_size,
+        prompts_per_iteration=prompts_per_iteration, train_batch_size=train_batch_size, learning_rate=learning_rate,
+        window_size=window_size, window_shift_interval=window_shift_interval, window_strategy=window_strategy,
+        seed=seed, engine=engine, mlflow_experiment=mlflow_experiment)
     layout = RunLayout(object_store_uri, pipeline_run_id)
     with tempfile.TemporaryDirectory(prefix="mixgrpo-train-") as workdir:
         out = train_step(overrides, prompts_uri, layout, workdir, executor=executor, num_nodes=num_nodes,

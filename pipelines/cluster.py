@@ -35,7 +35,7 @@ def canonical_image_tag() -> str:
 def compile_pipeline(output: str | Path = PIPELINE_YAML, *, image_tag: str | None = None,
                      registry: str | None = None) -> Path:
     """Compile the DAG to ``output`` in a fresh interpreter (image references are resolved at import)."""
-    from mixgrpo.images_config import REGISTRY_ENV, TAG_ENV
+    from mixgrpo.container_images import REGISTRY_ENV, TAG_ENV
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXGRPO_IMAGE_")}
     env[TAG_ENV] = image_tag or canonical_image_tag()
@@ -49,7 +49,7 @@ def compile_pipeline(output: str | Path = PIPELINE_YAML, *, image_tag: str | Non
 
 
 def git_sha() -> str:
-    from mixgrpo.images_config import git_sha as sha
+    from mixgrpo.container_images import git_sha as sha
 
     value = os.environ.get("GITHUB_SHA", "")[:12] or sha(PIPELINE_YAML.parent)
     if not value:

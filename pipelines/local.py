@@ -1,6 +1,7 @@
 """Run the whole MixGRPO DAG on this machine through ``kfp.local`` (the product's main command).
 
-``mixgrpo run-local`` = :func:`run_local` with the embedded defaults: the built-in toy model, the
+``mixgrpo run-local`` = :func:`run_local` with the toy preset (``mixgrpo/presets/toy.yaml``) over the
+pipeline defaults: the built-in toy model, the
 object store in ``runs/local/store`` (``file://``), MLflow in ``runs/local/mlflow.db`` (sqlite),
 KFP's local pipeline root in ``runs/local/kfp``. ``--store s3://...`` and ``--mlflow http://...``
 point it at real servers (credentials from the usual AWS_* / MLFLOW_* environment variables).
@@ -41,10 +42,6 @@ class LocalRunResult:
     arguments: dict[str, Any] = field(default_factory=dict)
     logs: Path | None = None  # the folder of the step logs
     step_logs: dict[str, Path] = field(default_factory=dict)
-
-
-# The toy model learns too slowly at FLUX's lr 1e-5 (see configs/toy.yaml); explicit --param values win.
-TOY_LOCAL_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5, "window_shift_interval": 20, "iterations": 80}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -159,15 +156,40 @@ class StepConsole:
                 self.summary = text
 
 
-def run_local(store: str | None = None, mlflow: str | None = None, *, local_dir: str | Path | None = None,
-              echo: Any = None, **params: Any) -> LocalRunResult:
-    """Run the pipeline with ``kfp.local``; ``params`` are pipeline parameters (the embedded defaults fill the rest).
+def preset_parameters(preset: str | None, params: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline arguments of a training ``preset`` (e.g. ``toy``; None = none) under ``params``, which win.
+
+    The preset's ``extra_overrides`` lines come before those of ``params`` (later lines win).
+    """
+    from mixgrpo_pipelines.pipelines.parameters import preset_arguments
+
+    if not preset:
+        return dict(params)
+    arguments, extra = preset_arguments(preset)
+    lines = [*extra, *(line for line in str(params.get("extra_overrides", "")).splitlines() if line.strip())]
+    return {**arguments, **params, **({"extra_overrides": "\n".join(lines)} if lines else {})}
+
+
+def describe_preset(preset: str) -> str:
+    """One line: the preset's file and the pipeline arguments it sets (what ``mixgrpo run-local`` prints)."""
+    from mixgrpo.config import resolve_config_path
+    from mixgrpo_pipelines.pipelines.parameters import preset_arguments
+
+    arguments, extra = preset_arguments(preset)
+    values = [f"{k}={v}" for k, v in arguments.items()] + [f"extra_overrides {line}" for line in extra]
+    return f"preset {preset} ({resolve_config_path(preset)}): {', '.join(values) or 'the pipeline defaults'}"
+
+
+def run_local(store: str | None = None, mlflow: str | None = None, *, preset: str | None = None,
+              local_dir: str | Path | None = None, echo: Any = None, **params: Any) -> LocalRunResult:
+    """Run the pipeline with ``kfp.local``; ``params`` are pipeline parameters over the training ``preset``'s
+    (a shipped name such as ``toy`` or a YAML file; None = the pipeline defaults, the paper's FLUX numbers).
 
     ``local_dir`` (default ``runs/local``) holds KFP's local pipeline root and the fetched report.
     """
     import kfp.local
 
-    from mixgrpo.pipeline_steps import registry_settings
+    from mixgrpo_pipelines.pipelines.steps import registry_settings
     from mixgrpo.registry import CHAMPION, alias_version
     from mixgrpo.storage import fetch_dir
     from mixgrpo_pipelines.pipelines.mixgrpo_pipeline import mixgrpo_pipeline
@@ -175,9 +197,8 @@ def run_local(store: str | None = None, mlflow: str | None = None, *, local_dir:
     started = time.perf_counter()
     local = Path(local_dir) if local_dir else LOCAL_DIR
     local.mkdir(parents=True, exist_ok=True)
-    toy = not params.get("model_uri")
     arguments = {"object_store_uri": store or default_store(), "mlflow_tracking_uri": mlflow or default_mlflow(),
-                 "executor": "local", **(TOY_LOCAL_DEFAULTS if toy else {}), **params}
+                 "executor": "local", **preset_parameters(preset, params)}
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(local / "kfp"),
                    raise_on_error=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -274,10 +295,14 @@ def main(args: Any) -> int:
         params["iterations"] = args.iterations
     if args.gate_margin is not None:
         params["gate_margin"] = args.gate_margin
+    preset = args.preset if args.preset is not None else ("" if params.get("model_uri") else "toy")
+    preset = None if preset in ("", "none") else preset
     print(f"mixgrpo run-local: store {args.store or default_store()}, MLflow {args.mlflow or default_mlflow()}")
+    print(describe_preset(preset) + " (--param / --iterations win)" if preset else
+          "no preset: the pipeline defaults (the training config's, `mixgrpo config`)")
     sys.stdout.flush()
     try:
-        result = run_local(args.store, args.mlflow, **params)
+        result = run_local(args.store, args.mlflow, preset=preset, **params)
     except RuntimeError as error:  # kfp.local: "Task 'NAME' finished with status FAILURE"
         print(f"mixgrpo run-local failed: {_ANSI.sub('', str(error))} (its last lines and log "
               "file are shown above)", file=sys.stderr)

@@ -11,16 +11,18 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 
 from mixgrpo_pipelines.components import cache_rewards, evaluate, gate, hash_prompts, prepare_prompts, promote, register, train
+from mixgrpo_pipelines.pipelines.parameters import config_defaults
 
 PIPELINE_NAME = "mixgrpo"
-S3_SECRET = "mixgrpo-s3"  # = mixgrpo.launcher.S3_SECRET (manifests/secrets/s3.template.yaml)
-MLFLOW_SECRET = "mixgrpo-mlflow"  # = mixgrpo.launcher.MLFLOW_SECRET
+S3_SECRET = "mixgrpo-s3"  # = mixgrpo.trainjob.S3_SECRET (manifests/secrets/s3.template.yaml)
+MLFLOW_SECRET = "mixgrpo-mlflow"  # = mixgrpo.trainjob.MLFLOW_SECRET
 LAUNCHER_SERVICE_ACCOUNT = "mixgrpo-launcher"  # set on the run by `mixgrpo pipeline submit` (see README)
+CONFIG = config_defaults()  # the training parameters' defaults are the config's (parameters.CONFIG_KEYS)
 S3_RETRY = dict(num_retries=3, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="600s")
 
 
 def _secret_env(task: dsl.PipelineTask, s3: bool = True, mlflow: bool = False) -> dsl.PipelineTask:
-    """Credentials from the Kubernetes secrets (never from parameters), as mixgrpo.launcher.DEFAULT_SECRET_ENV."""
+    """Credentials from the Kubernetes secrets (never from parameters), as mixgrpo.trainjob.DEFAULT_SECRET_ENV."""
     if s3:
         kubernetes.use_secret_as_env(task, S3_SECRET, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                         "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
@@ -38,30 +40,30 @@ def _secret_env(task: dsl.PipelineTask, s3: bool = True, mlflow: bool = False) -
               "sliding window of SDE steps; prepare prompts, cache rewards, train, evaluate, register in MLflow, "
               "promote behind a gate.")
 def mixgrpo_pipeline(
-    model_uri: str = "",
-    model_kind: str = "toy",
+    model_uri: str = CONFIG["model_uri"],
+    model_kind: str = CONFIG["model_kind"],
     prompt_uri: str = "",
     prompt_column: str = "",
     test_fraction: float = 0.2,
     min_prompts: int = 16,
-    rewards: str = "toy_object_color,toy_background,toy_shape",
-    reward_weights: str = "",
-    held_out_rewards: str = "toy_heldout_realism",
+    rewards: str = CONFIG["rewards"],
+    reward_weights: str = CONFIG["reward_weights"],
+    held_out_rewards: str = CONFIG["held_out_rewards"],
     reward_weight_sources: str = "",
-    mode: str = "mixgrpo",
-    window_size: int = 4,
-    window_shift_interval: int = 10,
-    window_strategy: str = "",
-    iterations: int = 40,
-    group_size: int = 8,
-    prompts_per_iteration: int = 4,
-    train_batch_size: int = 8,
-    learning_rate: float = 1e-5,
-    seed: int = 714,
+    mode: str = CONFIG["mode"],
+    window_size: int = CONFIG["window_size"],
+    window_shift_interval: int = CONFIG["window_shift_interval"],
+    window_strategy: str = CONFIG["window_strategy"],
+    iterations: int = CONFIG["iterations"],
+    group_size: int = CONFIG["group_size"],
+    prompts_per_iteration: int = CONFIG["prompts_per_iteration"],
+    train_batch_size: int = CONFIG["train_batch_size"],
+    learning_rate: float = CONFIG["learning_rate"],
+    seed: int = CONFIG["seed"],
     executor: str = "local",
     num_nodes: int = 1,
     gpus_per_node: int = 1,
-    engine: str = "none",
+    engine: str = CONFIG["engine"],
     extra_overrides: str = "",
     train_namespace: str = "",
     kueue_queue: str = "",
@@ -70,7 +72,7 @@ def mixgrpo_pipeline(
     eval_max_prompts: int = 0,
     eval_gpus: int = 1,
     mlflow_model_name: str = "mixgrpo-dit",
-    mlflow_experiment: str = "mixgrpo",
+    mlflow_experiment: str = CONFIG["mlflow_experiment"],
     gate_metric: str = "reward_normalized_mean",
     gate_margin: float = 0.0,
     object_store_uri: str = "s3://mixgrpo",
@@ -78,6 +80,9 @@ def mixgrpo_pipeline(
     git_sha: str = "",
 ) -> NamedTuple("Outputs", weights_uri=str, model_version=str, eval_uri=str):
     """MixGRPO training pipeline.
+
+    The training parameters' defaults are the training config's (`mixgrpo config`); one left at its
+    default lets the mode's preset set its key (e.g. mixgrpo-flash: window_shift_interval 20).
 
     Args:
         model_uri: Base model: "" = the built-in toy model; else a diffusers FLUX directory or its s3:// prefix.
@@ -93,7 +98,7 @@ def mixgrpo_pipeline(
         mode: mixgrpo, mixgrpo-flash, mixgrpo-flash-star, dancegrpo or all-sde.
         window_size: SDE steps in the sliding window.
         window_shift_interval: Iterations before the window moves by one step.
-        window_strategy: progressive, random, frozen, linear_decay, exp_decay or all; "" = the mode's preset.
+        window_strategy: progressive, random, frozen, linear_decay, exp_decay or all.
         iterations: Training iterations.
         group_size: Images per prompt, normalised together (GRPO group).
         prompts_per_iteration: Prompts per iteration per process.

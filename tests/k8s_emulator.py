@@ -1,7 +1,7 @@
 """A small in-process Kubernetes API emulator on 127.0.0.1 for the TrainJob launcher's tests.
 
 Real HTTP (``http.server`` in a thread), so the real ``kubernetes`` client talks to it. It serves
-only what ``mixgrpo.launcher`` uses:
+only what ``mixgrpo.trainjob`` uses:
 
 - TrainJobs (``trainer.kubeflow.org/v1alpha1``) in a namespace: create (409 if it exists), get,
   list, merge-patch, delete (which also deletes the job's pods and ends their log streams);
@@ -15,7 +15,7 @@ deleted). Every request is recorded in :attr:`K8sEmulator.requests` for assertio
 
     with K8sEmulator() as k8s:
         k8s.script("my-job", Script(outcome="fail", logs=["step 1"], reason="JobSetFailed", message="OOM"))
-        client = mixgrpo.launcher.connect(k8s.host)
+        client = mixgrpo.trainjob.connect(k8s.host)
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from mixgrpo.config import ConfigError, load_config
 from mixgrpo.distributed import Shard, World, launch_command, shard_for
 from mixgrpo.grpo import group_advantages_with_stats
 from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
-from mixgrpo.train import checkpoint_dirs, micro_batches, train
+from mixgrpo.checkpoint import checkpoint_dirs
+from mixgrpo.train import micro_batches, train
 
 TINY = ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=32)
 ITERATIONS = 3

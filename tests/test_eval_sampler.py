@@ -29,7 +29,7 @@ def tiny_config(model_dir: Path, **extra: object):
 
 
 def test_sampler_is_seed_deterministic_and_independent_of_the_batch(tiny_model_dir: Path) -> None:
-    from mixgrpo.train import build_policy
+    from mixgrpo.policies import build_policy
 
     cfg = tiny_config(tiny_model_dir)
     policy = build_policy(cfg, CPU)
@@ -50,7 +50,8 @@ def test_trainer_and_evaluate_score_the_same_images(tiny_model_dir: Path, tmp_pa
     import json
 
     from mixgrpo.evaluate import evaluate
-    from mixgrpo.train import build_policy, build_rewards, held_out_rewards
+    from mixgrpo.policies import build_policy, build_rewards
+    from mixgrpo.train import held_out_rewards
 
     cfg = tiny_config(tiny_model_dir)
     policy = build_policy(cfg, CPU)

@@ -293,7 +293,7 @@ def test_missing_directory_names_the_fix(tmp_path: Path) -> None:
 
 
 def test_trainer_builds_the_flux_policy_from_config(flux_dir: Path) -> None:
-    from mixgrpo.train import build_policy
+    from mixgrpo.policies import build_policy
 
     cfg = config_from_dict({"model": {"kind": "flux", "path": str(flux_dir), "height": 32, "width": 48,
                                       "max_sequence_length": MAX_LEN, "lora_rank": 2, "guidance": 4.0}})

@@ -1,4 +1,4 @@
-"""images/: hadolint finds nothing, conventions hold; images_config is the one source of names.
+"""images/: hadolint finds nothing, conventions hold; container_images is the one source of names.
 
 No Docker engine runs here: whether the images build is not tested (images/README.md).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mixgrpo.images_config import DEFAULT_REGISTRY, IMAGES, git_sha, image_ref, image_refs, image_tag
+from mixgrpo.container_images import DEFAULT_REGISTRY, IMAGES, git_sha, image_ref, image_refs, image_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "images").glob("*/Dockerfile"))

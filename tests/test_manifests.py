@@ -2,7 +2,7 @@
 
 Built-in kinds: the Kubernetes JSON schemas of `kubernetes-validate` (strict: unknown fields are
 errors). Trainer kinds: the Trainer's published API models (`kubeflow-trainer-api`, strict walk in
-mixgrpo.trainer_api). Kueue LocalQueue: tests/schemas/kueue.x-k8s.io_v1beta1_localqueue.json.
+mixgrpo.trainjob_schema). Kueue LocalQueue: tests/schemas/kueue.x-k8s.io_v1beta1_localqueue.json.
 No API server runs here: admission webhooks, controllers and RBAC enforcement are not exercised.
 """
 
@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mixgrpo import launcher, trainer_api
+from mixgrpo import trainjob, trainjob_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -49,7 +49,7 @@ def build(overlay: str) -> tuple[dict[str, Any], ...]:
 def validate(obj: dict[str, Any]) -> None:
     """Raise unless ``obj`` matches the schema of its kind."""
     if obj.get("apiVersion", "").startswith("trainer.kubeflow.org/"):
-        trainer_api.validate(obj)
+        trainjob_schema.validate(obj)
     elif obj.get("kind") == "LocalQueue":
         jsonschema.validate(obj, json.loads(LOCALQUEUE_SCHEMA.read_text()))
     else:
@@ -75,10 +75,10 @@ def test_validation_rejects_what_a_cluster_would() -> None:
     typo = {**deployment, "spec": {**deployment["spec"], "replica": 1}}
     with pytest.raises(kubernetes_validate.ValidationError, match="replica"):
         validate(typo)
-    runtime = find(build("dev"), "ClusterTrainingRuntime", launcher.DEFAULT_RUNTIME)
+    runtime = find(build("dev"), "ClusterTrainingRuntime", trainjob.DEFAULT_RUNTIME)
     broken = json.loads(json.dumps(runtime))
     broken["spec"]["mlPolicy"]["torch"] = {"numProcPerNode": "auto"}  # gone from the v1alpha1 torch policy
-    with pytest.raises(trainer_api.TrainerSchemaError, match="numProcPerNode"):
+    with pytest.raises(trainjob_schema.TrainerSchemaError, match="numProcPerNode"):
         validate(broken)
     queue = find(build("prod"), "LocalQueue", "mixgrpo-gpu")
     with pytest.raises(jsonschema.ValidationError, match="clusterQueue"):
@@ -88,7 +88,7 @@ def test_validation_rejects_what_a_cluster_would() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_namespaced_objects_share_one_namespace_and_the_runtime_has_none(overlay: str) -> None:
     objs = build(overlay)
-    runtime = find(objs, "ClusterTrainingRuntime", launcher.DEFAULT_RUNTIME)
+    runtime = find(objs, "ClusterTrainingRuntime", trainjob.DEFAULT_RUNTIME)
     assert "namespace" not in runtime["metadata"]
     cluster_scoped = {"ClusterTrainingRuntime", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     namespaces = {o["metadata"].get("namespace") for o in objs if o["kind"] not in cluster_scoped}
@@ -99,14 +99,14 @@ def test_namespaced_objects_share_one_namespace_and_the_runtime_has_none(overlay
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_trainer_runtime_is_what_the_launcher_expects(overlay: str) -> None:
-    runtime = find(build(overlay), "ClusterTrainingRuntime", launcher.DEFAULT_RUNTIME)
+    runtime = find(build(overlay), "ClusterTrainingRuntime", trainjob.DEFAULT_RUNTIME)
     assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
     assert "torch" in runtime["spec"]["mlPolicy"]
     (rjob,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
-    assert rjob["name"] == launcher.NODE_CONTAINER
+    assert rjob["name"] == trainjob.NODE_CONTAINER
     pod = rjob["template"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["name"] == launcher.NODE_CONTAINER
+    assert container["name"] == trainjob.NODE_CONTAINER
     assert container["image"].startswith("registry.example.com/mixgrpo/mixgrpo-trainer:")
     shm = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
     volume = next(v for v in pod["volumes"] if v["name"] == shm["name"])
@@ -137,16 +137,16 @@ def test_kfp_launcher_puts_the_pipeline_root_on_s3_with_the_launchers_secret(ove
     provider = _s3_provider(config)
     ref = provider["credentials"]["secretRef"]
     assert provider["credentials"]["fromEnv"] is False
-    assert ref == {"secretName": launcher.S3_SECRET, "accessKeyKey": "AWS_ACCESS_KEY_ID", "secretKeyKey": "AWS_SECRET_ACCESS_KEY"}
+    assert ref == {"secretName": trainjob.S3_SECRET, "accessKeyKey": "AWS_ACCESS_KEY_ID", "secretKeyKey": "AWS_SECRET_ACCESS_KEY"}
     assert provider["endpoint"] and provider["region"]
 
 
 def _secret_keys_the_launcher_reads(secret: str, *, required_only: bool = False) -> set[str]:
-    return {s.key for s in launcher.DEFAULT_SECRET_ENV if s.secret == secret and not (required_only and s.optional)}
+    return {s.key for s in trainjob.DEFAULT_SECRET_ENV if s.secret == secret and not (required_only and s.optional)}
 
 
-@pytest.mark.parametrize("name, template", [(launcher.S3_SECRET, "s3.template.yaml"),
-                                            (launcher.MLFLOW_SECRET, "mlflow.template.yaml")])
+@pytest.mark.parametrize("name, template", [(trainjob.S3_SECRET, "s3.template.yaml"),
+                                            (trainjob.MLFLOW_SECRET, "mlflow.template.yaml")])
 def test_secret_templates_hold_placeholders_for_every_key_the_launcher_reads(name: str, template: str) -> None:
     secret = yaml.safe_load((MANIFESTS / "secrets" / template).read_text())
     validate(secret)
@@ -159,7 +159,7 @@ def test_secret_templates_hold_placeholders_for_every_key_the_launcher_reads(nam
 def test_no_overlay_applies_a_secret_template() -> None:
     assert not [o for o in build("prod") if o["kind"] == "Secret"]  # prod secrets are created by hand
     dev = {o["metadata"]["name"]: o for o in build("dev") if o["kind"] == "Secret"}
-    for name in (launcher.S3_SECRET, launcher.MLFLOW_SECRET):  # dev generates working dev-only values
+    for name in (trainjob.S3_SECRET, trainjob.MLFLOW_SECRET):  # dev generates working dev-only values
         assert _secret_keys_the_launcher_reads(name, required_only=True) <= set(dev[name]["data"])
 
 
@@ -188,9 +188,9 @@ def test_unified_reward_server(overlay: str) -> None:
 def test_prod_queues_on_kueue() -> None:
     queue = find(build("prod"), "LocalQueue", "mixgrpo-gpu")
     assert queue["spec"]["clusterQueue"]
-    assert launcher.build_trainjob(launcher.TrainJobSpec(
+    assert trainjob.build_trainjob(trainjob.TrainJobSpec(
         name="t", namespace="mixgrpo", image="i:1", command=("x",), queue=queue["metadata"]["name"],
-    ))["metadata"]["labels"][launcher.QUEUE_LABEL] == "mixgrpo-gpu"
+    ))["metadata"]["labels"][trainjob.QUEUE_LABEL] == "mixgrpo-gpu"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -211,10 +211,10 @@ def test_every_image_is_pinned(overlay: str) -> None:
 
 
 def test_launcher_role_verbs_are_the_calls_the_launcher_makes() -> None:
-    """Every Kubernetes client call in mixgrpo.launcher maps to a granted verb, and nothing more is granted."""
+    """Every Kubernetes client call in mixgrpo.trainjob maps to a granted verb, and nothing more is granted."""
     import re
 
-    calls = set(re.findall(r"self\.(?:core|custom)\.(\w+)\(", Path(launcher.__file__).read_text()))
+    calls = set(re.findall(r"self\.(?:core|custom)\.(\w+)\(", Path(trainjob.__file__).read_text()))
     verb_of = {"create_namespaced_custom_object": ("trainjobs", "create"), "get_namespaced_custom_object": ("trainjobs", "get"),
                "patch_namespaced_custom_object": ("trainjobs", "patch"), "delete_namespaced_custom_object": ("trainjobs", "delete"),
                "list_namespaced_pod": ("pods", "list"), "read_namespaced_pod_log": ("pods/log", "get")}
@@ -270,7 +270,7 @@ def test_network_policy_admits_only_mixgrpo_pods_to_the_reward_server(overlay: s
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     port = find(objs, "Service", "unified-reward")["spec"]["ports"][0]["port"]
-    node_labels = launcher.build_trainjob(launcher.TrainJobSpec(name="t", namespace="n", image="i:1", command=("x",)))[
+    node_labels = trainjob.build_trainjob(trainjob.TrainJobSpec(name="t", namespace="n", image="i:1", command=("x",)))[
         "spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"][
         "template"]["metadata"]["labels"]
     assert _admits(policy, node_labels, port)                                   # TrainJob nodes
@@ -304,10 +304,10 @@ def test_trainjob_secret_policy_allows_exactly_the_secrets_mixgrpo_uses(overlay:
     assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
     assert policy["spec"]["failurePolicy"] == "Fail"
     (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
-    assert rule["apiGroups"] == [launcher.GROUP] and rule["resources"] == [launcher.PLURAL]
+    assert rule["apiGroups"] == [trainjob.GROUP] and rule["resources"] == [trainjob.PLURAL]
     env_rule = policy["spec"]["validations"][0]["expression"]
     allowed = set(re.findall(r"'([a-z0-9-]+)'", env_rule.split(" in ", 1)[1]))
-    assert {s.secret for s in launcher.DEFAULT_SECRET_ENV} <= allowed
+    assert {s.secret for s in trainjob.DEFAULT_SECRET_ENV} <= allowed
     templates = {yaml.safe_load(p.read_text())["metadata"]["name"] for p in (MANIFESTS / "secrets").glob("*.template.yaml")}
     assert allowed == templates                                                  # every allowed Secret is one mixgrpo defines
     assert "mixgrpo-launcher" in policy["spec"]["matchConditions"][0]["expression"]

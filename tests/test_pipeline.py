@@ -1,6 +1,6 @@
 """The KFP pipeline: compilation, the committed YAML, and each step's logic through the library.
 
-The steps run exactly the functions the components call (``mixgrpo.pipeline_steps``) on tiny
+The steps run exactly the functions the components call (``mixgrpo_pipelines.pipelines.steps``) on tiny
 inputs: a ``file://`` object store in tmp_path and an sqlite MLflow store (the embedded default).
 The end-to-end run through ``kfp.local`` against real S3 and MLflow servers is in
 ``test_pipeline_e2e.py``.
@@ -8,6 +8,7 @@ The end-to-end run through ``kfp.local`` against real S3 and MLflow servers is i
 
 import ast
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
-from mixgrpo import pipeline_steps as steps  # noqa: E402
+from mixgrpo_pipelines.pipelines import steps  # noqa: E402
 from mixgrpo.data import DataError, PromptValidationError  # noqa: E402
 from mixgrpo.registry import CHALLENGER, CHAMPION, RegistryError  # noqa: E402
 from mixgrpo.storage import NotFoundError, publish_dir, read_manifest  # noqa: E402
@@ -120,14 +121,31 @@ def test_layering_library_never_imports_kfp_and_components_import_mixgrpo_in_bod
         tree = ast.parse(path.read_text())
         assert "kfp" not in imported(list(ast.walk(tree))), path
         assert "mixgrpo_pipelines" not in imported(tree.body), f"{path}: import the pipeline layer lazily"
-    code = "import sys, mixgrpo.cli, mixgrpo.pipeline_steps; print(sorted(m for m in sys.modules if m.startswith('kfp')))"
+    code = "import sys, mixgrpo.cli, mixgrpo_pipelines.pipelines.steps; print(sorted(m for m in sys.modules if m.startswith('kfp')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[]"  # the steps' glue runs in the trainer image without kfp
     for path in (REPO / "components").glob("*.py"):
-        if path.name in ("__init__.py", "images.py"):
+        if path.name in ("__init__.py", "container_images.py"):
             continue
         top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
         assert not [n for n in top if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "mixgrpo"], path
+
+
+def test_importing_every_library_module_imports_neither_kfp_nor_the_pipeline_layer() -> None:
+    """The library is self-contained: every module of ``mixgrpo`` imports without ``kfp`` / ``mixgrpo_pipelines``."""
+    code = ("import importlib, json, pkgutil, sys, mixgrpo\n"
+            "names = sorted(m.name for m in pkgutil.walk_packages(mixgrpo.__path__, 'mixgrpo.'))\n"
+            "for name in names: importlib.import_module(name)\n"
+            "layer = sorted(m for m in sys.modules if m.split('.')[0] in ('kfp', 'mixgrpo_pipelines'))\n"
+            "print(json.dumps({'modules': names, 'pipeline_layer': layer}))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    library = {"mixgrpo." + ".".join(p.relative_to(REPO / "src" / "mixgrpo").with_suffix("").parts)
+               for p in (REPO / "src" / "mixgrpo").rglob("*.py") if p.name != "__init__.py"}
+    assert library <= set(found["modules"]), sorted(library - set(found["modules"]))  # every module was imported
+    assert found["pipeline_layer"] == [], found["pipeline_layer"]
 
 
 # --------------------------------------------------------------------------- prepare-prompts
@@ -208,9 +226,82 @@ def test_cache_rewards(tmp_path: Path) -> None:
     assert {f.path for f in read_manifest(options["clip"]["weights_dir"]).files} == {"config.json", "tokenizer.json"}
 
 
+def test_one_table_maps_every_pipeline_parameter_and_the_defaults_are_the_configs(compiled: dict) -> None:
+    """CONFIG_KEYS covers the pipeline's signature; the train component takes every mapped parameter; the compiled
+    defaults are `mixgrpo config`'s; a component declares a default only for an input the DAG does not pass."""
+    from mixgrpo.config import load_config
+    from mixgrpo_pipelines import components
+    from mixgrpo_pipelines.pipelines.mixgrpo_pipeline import mixgrpo_pipeline
+    from mixgrpo_pipelines.pipelines.parameters import CONFIG_KEYS, TRAINING_PARAMETERS, as_parameter, config_value
+
+    compiled_params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
+    signature = list(mixgrpo_pipeline.component_spec.inputs)
+    assert list(CONFIG_KEYS) == signature and set(compiled_params) == set(signature), "CONFIG_KEYS vs the signature"
+    cfg = load_config()
+    for name, key in TRAINING_PARAMETERS.items():
+        assert compiled_params[name]["defaultValue"] == as_parameter(config_value(cfg, key)), (name, key)
+    train_inputs = components.train.component_spec.inputs
+    assert set(TRAINING_PARAMETERS) <= set(train_inputs), set(TRAINING_PARAMETERS) - set(train_inputs)
+    assert not [n for n in TRAINING_PARAMETERS if train_inputs[n].default is not None], "defaults live in the config"
+    spec = compiled["spec"]
+    for task_name, task in _all_tasks(spec).items():  # a component default only for an input the DAG leaves out
+        inputs = spec["components"][task["componentRef"]["name"]].get("inputDefinitions", {}).get("parameters", {})
+        given = task.get("inputs", {}).get("parameters", {})
+        assert not [n for n, p in inputs.items() if "defaultValue" in p and n in given], task_name
+
+
+def test_train_overrides_set_each_mapped_key_and_leave_preset_keys_at_default_to_the_mode() -> None:
+    from mixgrpo.config import flat_config, load_config
+    from mixgrpo_pipelines.pipelines.parameters import TRAINING_PARAMETERS
+
+    assert flat_config(steps.build_config(steps.train_overrides())) == {
+        **flat_config(load_config()), "progress_bar": False, "eval_every": 37, "checkpoint_every": 0}
+    changed = {"model_uri": "/m", "model_kind": "flux", "mode": "mixgrpo-flash", "rewards": "toy_shape,toy_background",
+               "reward_weights": "toy_shape=3", "held_out_rewards": "", "window_size": 3, "window_shift_interval": 7,
+               "window_strategy": "random", "iterations": 9, "group_size": 6, "prompts_per_iteration": 2,
+               "train_batch_size": 4, "learning_rate": 3e-4, "seed": 5, "engine": "ddp", "mlflow_experiment": "x"}
+    assert set(changed) == set(TRAINING_PARAMETERS)
+    values = steps.train_overrides(**changed)
+    assert {values[TRAINING_PARAMETERS[n]] for n in ("window_size", "iterations", "group_size", "seed")} == {3, 9, 6, 5}
+    assert values["rewards.names"] == ["toy_shape", "toy_background"] and values["rewards.weights"] == {"toy_shape": 3.0}
+    assert values["window.shift_interval"] == 7 and values["optim.lr"] == 3e-4 and values["model.path"] == "/m"
+    flash = steps.build_config(steps.train_overrides(mode="mixgrpo-flash"))
+    assert flash.window.shift_interval == 20 and flash.sampling.post_ratio == 0.4  # the preset's, not the default 25
+    assert steps.build_config(steps.train_overrides(mode="mixgrpo-flash", window_shift_interval=30)).window.shift_interval == 30
+    with pytest.raises(steps.StepError, match="not training parameters"):
+        steps.train_overrides(iteration=3)
+
+
+def test_run_local_trains_exactly_the_toy_preset() -> None:
+    """The arguments run-local derives from presets/toy.yaml give the train step the preset's config."""
+    from mixgrpo.config import flat_config, load_config
+    from mixgrpo_pipelines.pipelines.local import describe_preset, preset_parameters
+    from mixgrpo_pipelines.pipelines.parameters import STEP_OWNED_KEYS, TRAINING_PARAMETERS
+
+    arguments = preset_parameters("toy", {})
+    training = {k: v for k, v in arguments.items() if k in TRAINING_PARAMETERS}
+    cfg = flat_config(steps.build_config(steps.train_overrides(extra=arguments.get("extra_overrides", ""), **training)))
+    toy = flat_config(load_config("toy"))
+    assert {k: v for k, v in cfg.items() if k not in STEP_OWNED_KEYS} == {
+        k: v for k, v in toy.items() if k not in STEP_OWNED_KEYS}
+    assert toy["max_iterations"] != load_config().max_iterations and arguments["iterations"] == toy["max_iterations"]
+    assert preset_parameters("toy", {"iterations": 3, "extra_overrides": "window.size=2"})["iterations"] == 3  # --param wins
+    assert preset_parameters("toy", {"extra_overrides": "window.size=2"})["extra_overrides"].endswith("window.size=2")
+    assert f"iterations={toy['max_iterations']}" in describe_preset("toy") and "toy.yaml" in describe_preset("toy")
+
+
+def test_readme_parameter_table_is_generated_from_the_pipeline() -> None:
+    from mixgrpo_pipelines.pipelines.parameters import parameter_table, with_parameter_table
+
+    readme = (REPO / "pipelines" / "README.md").read_text()
+    assert with_parameter_table(readme) == readme, ("the parameter table in pipelines/README.md is stale: run "
+                                                    "`python -m mixgrpo_pipelines.pipelines.parameters pipelines/README.md`")
+    assert "| `iterations` | integer | `300` | `max_iterations` |" in parameter_table()
+
+
 def test_train_overrides_follow_the_mode_and_extra_wins() -> None:
     cfg = steps.build_config(steps.train_overrides(
-        mode="dancegrpo", rewards="toy_shape", held_out="", reward_weights="toy_shape=2", iterations=3,
+        mode="dancegrpo", rewards="toy_shape", held_out_rewards="", reward_weights="toy_shape=2", iterations=3,
         extra="optim.lr=2e-5\nsampling.num_steps=10"))
     assert cfg.window.strategy == "all" and cfg.sampling.sde_type == "dance"  # the preset is kept
     assert cfg.optim.lr == 2e-5 and cfg.sampling.num_steps == 10 and cfg.max_iterations == 3
@@ -242,7 +333,7 @@ def tiny_model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def tiny_overrides(model_uri: str, **extra: object) -> dict:
     values = steps.train_overrides(
-        model_uri=model_uri, rewards="toy_object_color,toy_background", held_out="toy_heldout_realism",
+        model_uri=model_uri, rewards="toy_object_color,toy_background", held_out_rewards="toy_heldout_realism",
         iterations=1, group_size=2, prompts_per_iteration=1, train_batch_size=2,
         extra="sampling.num_steps=6\nwindow.size=2\neval_images_per_prompt=1")
     values.update(extra)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixgrpo.train import _seal, checkpoint_dirs, load_checkpoint, save_checkpoint
+from mixgrpo.checkpoint import _seal, checkpoint_dirs, load_checkpoint, save_checkpoint
 from tests.test_train import read_metrics, tiny_config, tiny_model_dir  # noqa: F401 - the fixture
 
 
@@ -231,3 +231,22 @@ def test_keep_checkpoints_prunes_the_store_too(tiny_model_dir, tmp_path, s3_serv
     dirs = sorted({key.split("/")[0] for key in open_store(uri).list()})
     assert dirs == ["checkpoint-000003", "checkpoint-000004", "final"]
     assert latest_complete(uri, "checkpoint-").endswith("checkpoint-000004")
+
+
+def test_checkpoint_carries_the_object_store_manifest_and_names_a_corrupt_file(tmp_path):
+    """One manifest format: a local checkpoint is sealed as the store seals a published directory."""
+    from mixgrpo.checkpoint import CheckpointError
+    from mixgrpo.storage import verify_local_dir
+
+    cfg = tiny_config(tmp_path / "model-unused", tmp_path / "run")
+    module = torch.nn.Linear(2, 2)
+    path = save_checkpoint(tmp_path / "run", 4, dict(module.state_dict()), torch.optim.AdamW(module.parameters()).state_dict(), cfg)
+    manifest = verify_local_dir(path)
+    assert manifest.metadata == {"iteration": 4}
+    assert {f.path for f in manifest.files} == {"model.safetensors", "optimizer.pt", "rng.pt", "config.yaml",
+                                                "trainer_state.json"}
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 does not match MANIFEST\.json"):
+        load_checkpoint(path)

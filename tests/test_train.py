@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from mixgrpo.config import load_config
 from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
-from mixgrpo.train import checkpoint_dirs, derive_seed, step_plan, train, trained_steps
+from mixgrpo.checkpoint import checkpoint_dirs
+from mixgrpo.seeding import derive_seed
+from mixgrpo.train import step_plan, train, trained_steps
 
 TINY = ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=32)
 

@@ -132,7 +132,7 @@ def test_unreachable_host_is_one_clear_line_fast(capsys, monkeypatch):
 
 def test_training_refuses_mlflow_token_over_plain_http(remote_listener, tmp_path, monkeypatch):
     from mixgrpo.config import load_config
-    from mixgrpo.train import MetricsLog
+    from mixgrpo.tracking import MetricsLog
 
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "mlflow-secret")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

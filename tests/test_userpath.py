@@ -105,7 +105,7 @@ def test_training_logs_every_iteration_to_mlflow_while_it_runs(trained: Path) ->
 
 
 def test_mlflow_metric_names_are_slash_separated() -> None:
-    from mixgrpo.train import mlflow_metrics
+    from mixgrpo.tracking import mlflow_metrics
 
     record = {"iteration": 3, "rewards": {"toy_shape": {"mean": 0.5, "std": 0.1}}, "held_out": {"toy_shape": 0.4},
               "approx_kl": 0.01, "seconds": {"total": 1.5}, "final": True, "loss": float("nan")}
@@ -137,16 +137,16 @@ def test_progress_lines_and_the_step_console(tmp_path: Path) -> None:
         for attempt in range(2):  # a retried step
             print("Executing task 'evaluate'")
             print("Traceback (most recent call last):")
-            print(f"    mixgrpo.pipeline_steps.StepError: boom {attempt}")
+            print(f"    mixgrpo_pipelines.pipelines.steps.StepError: boom {attempt}")
             print("Task 'evaluate' finished with status FAILURE")
         raise RuntimeError("Task 'evaluate' finished with status FAILURE")
     shown = screen.getvalue().splitlines()
     assert shown[0] == "     train: iter 1/2  toy_shape 0.300"
     assert shown[1] == "     train: held-out shape 0.310"
     assert shown[2].startswith("ok   train") and shown[2].endswith("2 iterations, weights file:///w")
-    assert shown[3].startswith("FAIL evaluate") and shown[3].endswith("mixgrpo.pipeline_steps.StepError: boom 0")
+    assert shown[3].startswith("FAIL evaluate") and shown[3].endswith("mixgrpo_pipelines.pipelines.steps.StepError: boom 0")
     assert shown[4].endswith("StepError: boom 1") and shown[5] == "     | Executing task 'evaluate'"
-    assert "     |     mixgrpo.pipeline_steps.StepError: boom 1" in shown  # the failed step's log, once, at the end
+    assert "     |     mixgrpo_pipelines.pipelines.steps.StepError: boom 1" in shown  # the failed step's log, once, at the end
     assert shown[-1] == f"     full log of evaluate: {tmp_path / 'logs' / 'evaluate.log'}"
     assert "input json noise" not in screen.getvalue()
     assert "input json noise" in (tmp_path / "logs" / "train.log").read_text()
@@ -351,7 +351,7 @@ def test_register_attaches_to_the_training_run_and_tags_provenance(tmp_path: Pat
     """The train step's MLflow run gets the evaluation; the version links to it; its tags are provenance."""
     from mlflow import MlflowClient
 
-    from mixgrpo import pipeline_steps as steps
+    from mixgrpo_pipelines.pipelines import steps
     from mixgrpo.storage import publish_dir
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

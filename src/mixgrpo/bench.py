@@ -24,9 +24,10 @@ import torch
 
 from mixgrpo.config import TrainConfig, load_config
 from mixgrpo.grpo import group_advantages_with_stats
+from mixgrpo.policies import build_rewards
 from mixgrpo.sampling import flow_sigmas
-from mixgrpo.train import (SectionTimer, build_rewards, build_window, choose_prompts, load_prompts,
-                           rollout_phase, score_phase, update_phase)
+from mixgrpo.train import (SectionTimer, build_window, choose_prompts, load_prompts, rollout_phase, score_phase,
+                           update_phase)
 
 BENCH_MODES = ("dancegrpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star", "all-sde")
 COMMON = {"prompts_per_iteration": 4, "sampling.group_size": 8, "optim.train_batch_size": 8,

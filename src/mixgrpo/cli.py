@@ -68,9 +68,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from mixgrpo.config import load_config
     from mixgrpo.eval_sampler import sample_eval_images
-    from mixgrpo.images import save_grid, to_pil
+    from mixgrpo.grids import save_grid, to_pil
     from mixgrpo.model_source import load_policy, resolve_model_source
-    from mixgrpo.train import build_policy, load_prompts
+    from mixgrpo.policies import build_policy
+    from mixgrpo.train import load_prompts
 
     cfg = load_config(args.config, args.overrides)
     prompts = list(args.prompt or []) + (load_prompts(args.prompts, "test") if args.prompts else [])
@@ -271,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="defaults: object store runs/local/store (file://), MLflow runs/local/mlflow.db (sqlite)")
     p.add_argument("--store", help="object-store root, e.g. s3://bucket/prefix (credentials from AWS_* variables)")
     p.add_argument("--mlflow", help="MLflow tracking URI, e.g. http://127.0.0.1:5000")
-    p.add_argument("--iterations", type=int, help="training iterations (pipeline default: 40)")
+    p.add_argument("--preset", help="training preset under the --param values: a shipped name or a YAML file; none "
+                   "= the pipeline defaults (default: toy, see `mixgrpo config --config toy`; none with a model_uri)")
+    p.add_argument("--iterations", type=int, help="training iterations (default: the preset's max_iterations)")
     p.add_argument("--gate-margin", type=float, help="the new version must beat the champion by more than this")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="any pipeline parameter (repeatable)")
     p.add_argument("--json", action="store_true", help="after the table, print one JSON object on the last line")
@@ -327,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as error:  # storage outages, corrupt checkpoints, reward outages: one line naming the cause
         from mixgrpo.storage import StorageError
-        from mixgrpo.train import CheckpointError, RewardOutageError
+        from mixgrpo.checkpoint import CheckpointError
+        from mixgrpo.train import RewardOutageError
 
         if not isinstance(error, (StorageError, CheckpointError, RewardOutageError)):
             raise

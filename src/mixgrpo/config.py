@@ -28,6 +28,11 @@ from typing import Any, Literal
 
 import yaml
 
+from mixgrpo.grpo import Mix, OnFailure
+from mixgrpo.sampling import PostSolver, SdeType
+from mixgrpo.solvers import SolverType
+from mixgrpo.window import Strategy
+
 Mode = Literal["mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star", "dancegrpo", "all-sde"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 
@@ -75,7 +80,7 @@ class SamplingConfig:
     """Timestep shift of the flow schedule sigma = shift*s/(1+(shift-1)*s)."""
     eta: float = 0.7
     """SDE noise level inside the window (MixGRPO 0.7; DanceGRPO 0.3)."""
-    sde_type: Literal["flow", "dance"] = "flow"
+    sde_type: SdeType = "flow"
     """Step rule inside the window: Flow-GRPO/MixGRPO SDE or the DanceGRPO SDE."""
     group_size: int = 12
     """N, images per prompt; their rewards are normalised together."""
@@ -83,10 +88,10 @@ class SamplingConfig:
     """All N images of a group start from the same initial noise (as the reference)."""
     shared_prefix: bool = True
     """Compute the ODE steps before the window once per group (needs init_same_noise)."""
-    post_solver: Literal["euler", "dpmsolver++"] = "euler"
+    post_solver: PostSolver = "euler"
     """ODE solver after the window; dpmsolver++ with post_ratio gives MixGRPO-Flash."""
     solver_order: int = 2
-    solver_type: Literal["midpoint", "heun"] = "midpoint"
+    solver_type: SolverType = "midpoint"
     post_ratio: float | None = None
     """Fraction of post-window steps kept by the compressed schedule (Flash 0.4, Flash* 0.2)."""
     decode_pred_x0: bool = False
@@ -96,7 +101,7 @@ class SamplingConfig:
 
 @dataclass
 class WindowConfig:
-    strategy: Literal["progressive", "random", "frozen", "linear_decay", "exp_decay", "all"] = "progressive"
+    strategy: Literal[Strategy, "all"] = "progressive"
     """How the window moves; "all" = every step is SDE (DanceGRPO / Flow-GRPO baselines)."""
     size: int = 4
     """w, SDE steps in the window (all trained)."""
@@ -117,10 +122,10 @@ class RewardConfig:
     """Registered reward names (see ``mixgrpo rewards list``)."""
     weights: dict[str, float] = field(default_factory=dict)
     """Weight per reward name; empty = equal weights. Normalised to sum to 1."""
-    mix: Literal["advantage", "reward"] = "advantage"
+    mix: Mix = "advantage"
     """"advantage": normalise each reward in its group, then weighted mean; "reward": weighted sum, then normalise."""
     advantage_clip: float = 5.0
-    on_failure: Literal["mask", "raise"] = "mask"
+    on_failure: OnFailure = "mask"
     """A reward that fails for a sample is masked out of the statistics, or stops the run."""
     held_out: list[str] = field(default_factory=lambda: ["toy_heldout_realism"])
     """Measured every iteration but never optimised (to spot reward hacking)."""
@@ -569,6 +574,11 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 def config_hash(cfg: TrainConfig) -> str:
     """Short sha256 of the resolved config (for tags and cache keys)."""
     return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config as ``{"section.key": value}`` (mappings such as ``rewards.weights`` stay values)."""
+    return _flatten(config_to_dict(cfg))
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from mixgrpo.config import TrainConfig
-from mixgrpo.images import seed_diversity_per_prompt
+from mixgrpo.grids import seed_diversity_per_prompt
 from mixgrpo.models.base import FlowModel
 from mixgrpo.rewards.base import Reward
 from mixgrpo.sampling import flow_sigmas, mixed_rollout
@@ -36,7 +36,7 @@ def eval_rows(prompts: list[str], per_prompt: int) -> tuple[list[str], list[int]
 
 def initial_latents(policy: FlowModel, seeds: list[int]) -> torch.Tensor:
     """[len(seeds), *latent_shape] noise; row ``i`` depends only on ``seeds[i]``."""
-    from mixgrpo.train import generator_for
+    from mixgrpo.seeding import generator_for
 
     return torch.stack([torch.randn(policy.latent_shape(), generator=generator_for("sample", seed)) for seed in seeds])
 

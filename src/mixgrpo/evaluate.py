@@ -29,11 +29,12 @@ import torch
 
 from mixgrpo.config import TrainConfig
 from mixgrpo.eval_sampler import DIVERSITY, eval_seeds, evaluate_policy
-from mixgrpo.images import image_grid, to_pil
+from mixgrpo.grids import image_grid, to_pil
 from mixgrpo.models.base import FlowModel
 from mixgrpo.rewards.base import build_reward
 from mixgrpo.stats import bootstrap_ci, paired_bootstrap_ci
-from mixgrpo.train import build_policy, load_prompts
+from mixgrpo.policies import build_policy
+from mixgrpo.train import load_prompts
 
 # The published reporting scales (spec section 7/9): HPS raw cosine, PickScore /100, ImageReward as its
 # library reports it ((r - 0.16717)/1.03334), UnifiedReward's 1-5 alignment score. Training may use others.
@@ -206,7 +207,7 @@ def evaluate(cfg: TrainConfig, tuned_dir: str | Path, out_dir: str | Path, *, pr
 
 def config_provenance(cfg: TrainConfig, training_metrics: str | Path | None = None) -> dict[str, Any]:
     """What produced the tuned weights: mode, iterations, learning rate, base model, git sha."""
-    from mixgrpo.pipeline_steps import resolve_git_sha
+    from mixgrpo.provenance import resolve_git_sha
 
     iterations = cfg.max_iterations
     if training_metrics and Path(training_metrics).is_file():

@@ -85,7 +85,7 @@ def load_policy(directory: Path, cfg, device: torch.device, source: str = ""):  
     """The policy in ``directory`` (see the module docstring), built on ``cfg`` (kind and path are set here)."""
     from mixgrpo.evaluate import load_tuned_policy
     from mixgrpo.model_card import read_model_info
-    from mixgrpo.train import build_policy
+    from mixgrpo.policies import build_policy
 
     what = f"--model {source or directory}" + (f" (at {directory})" if source and str(directory) != source else "")
     info = read_model_info(directory)

@@ -714,6 +714,18 @@ def verify_local_dir(local_dir: str | os.PathLike[str]) -> Manifest:
     return manifest
 
 
+def seal_local_dir(local_dir: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Manifest:
+    """Write ``MANIFEST.json`` (sizes, sha256 of every other file) into a local directory, the format the
+    object store's directories carry: a sealed directory is complete, and checked by :func:`verify_local_dir`."""
+    root = Path(local_dir)
+    entries = tuple(FileEntry(rel, path.stat().st_size, sha256_file(path))
+                    for rel, path in _walk_files(root) if rel != MANIFEST_NAME)
+    manifest = Manifest(files=entries, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        metadata=dict(metadata or {}))
+    (root / MANIFEST_NAME).write_bytes(manifest.to_json())
+    return manifest
+
+
 def publish_dir(
     local_dir: str | os.PathLike[str],
     uri: str,

@@ -15,11 +15,7 @@ Launch: ``mixgrpo train --config toy [section.key=value ...]``; several processe
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
 import json
-import math
-import os
 import shutil
 import sys
 import time
@@ -31,16 +27,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixgrpo import distributed
-from mixgrpo.config import TrainConfig, config_to_dict, config_to_yaml
+from mixgrpo.checkpoint import (CHECKPOINT_PREFIX, checkpoint_dirs, latest_checkpoint, load_checkpoint, no_checkpoint,
+                                save_checkpoint, save_final_weights)
+from mixgrpo.config import TrainConfig, config_to_yaml
 from mixgrpo.distributed import Shard, World
 from mixgrpo.grpo import policy_loss, reference_kl
 from mixgrpo.models.base import Conditioning, FlowModel, index_conditioning, repeat_conditioning
-from mixgrpo.rewards.base import Reward, build_reward
+from mixgrpo.policies import build_policy, build_reference, build_rewards
+from mixgrpo.rewards.base import Reward
+from mixgrpo.seeding import generator_for
 from mixgrpo.selection import BestTracker
 from mixgrpo.sampling import Rollout, dance_sde_step, flow_sigmas, mixed_rollout, sde_step
+from mixgrpo.tracking import MetricsLog, truncate_metrics
 from mixgrpo.window import SlidingWindow
-
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -64,16 +63,6 @@ class SectionTimer:
             if self.sync:
                 torch.cuda.synchronize()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from any parts: ``sha256("seed/iteration/stream/...")``."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def generator_for(*parts: int | str, device: str | torch.device = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(derive_seed(*parts))
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -338,139 +327,7 @@ def held_out_rewards(policy: FlowModel, rewards: dict[str, Reward], prompts: lis
     return {name: float(torch.nanmean(values)) for name, values in per_prompt.items()}
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (with their manifest), oldest first."""
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "MANIFEST.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def _seal(tmp: Path, final: Path, iteration: int) -> None:
-    """Write the manifest (sha256 of every file) last, then rename ``tmp`` to ``final``."""
-    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp.iterdir()) if p.name != "MANIFEST.json"}
-    (tmp / "MANIFEST.json").write_text(json.dumps({"iteration": iteration, "sha256": files}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-
-
-def save_checkpoint(output_dir: Path, iteration: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
-                    cfg: TrainConfig) -> Path:
-    """Write ``checkpoints/checkpoint-{iteration}`` atomically (rank 0): files, manifest last, then rename.
-
-    ``iteration`` is the number of completed iterations (the next one to run); the states are
-    full (consolidated) state dicts keyed by parameter name. With ``checkpoint_uri`` the directory
-    is then published there (manifest last, so a half upload is never picked up).
-    """
-    root = output_dir / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{iteration:06d}"
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    (tmp / "config.yaml").write_text(config_to_yaml(cfg))
-    (tmp / "trainer_state.json").write_text(json.dumps({"iteration": iteration}))
-    _seal(tmp, final, iteration)
-    if cfg.checkpoint_uri:
-        from mixgrpo.storage import prune_published, publish_dir, read_manifest
-
-        uri = f"{cfg.checkpoint_uri.rstrip('/')}/{final.name}"
-        publish_dir(final, uri, metadata={"iteration": iteration})
-        read_manifest(uri)  # the new checkpoint is visible in the store before older ones go
-        prune_published(cfg.checkpoint_uri.rstrip("/"), cfg.keep_checkpoints, CHECKPOINT_PREFIX)
-    for old in checkpoint_dirs(output_dir)[:-cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(output_dir: Path, checkpoint_uri: str = "") -> Path | None:
-    """The newest complete local checkpoint; else the newest complete one under ``checkpoint_uri``, fetched."""
-    if checkpoint_dirs(output_dir):
-        return checkpoint_dirs(output_dir)[-1]
-    if not checkpoint_uri:
-        return None
-    from mixgrpo.storage import fetch_dir, latest_complete
-
-    uri = latest_complete(checkpoint_uri.rstrip("/"), CHECKPOINT_PREFIX)
-    if uri is None:
-        return None
-    final = output_dir / "checkpoints" / uri.rstrip("/").rsplit("/", 1)[-1]
-    tmp = final.parent / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    fetch_dir(uri, tmp)  # verified against the store's manifest
-    (tmp / "MANIFEST.json").unlink()
-    _seal(tmp, final, json.loads((tmp / "trainer_state.json").read_text())["iteration"])
-    print(f"fetched checkpoint {uri} to {final}")
-    return final
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is corrupt or holds something other than tensors; the message names the file."""
-
-
-def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """Check the manifest, restore the RNG; return (next iteration, model state, optimiser state)."""
-    manifest = json.loads((path / "MANIFEST.json").read_text())
-    for name, digest in manifest["sha256"].items():
-        if hashlib.sha256((path / name).read_bytes()).hexdigest() != digest:
-            raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in MANIFEST.json; "
-                               "the checkpoint is corrupt, delete it to resume from the previous one")
-    torch.set_rng_state(load_tensor_file(path / "rng.pt")["torch"])
-    return int(manifest["iteration"]), load_file(path / "model.safetensors"), load_tensor_file(path / "optimizer.pt")
-
-
-def load_tensor_file(file: Path) -> dict:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never code from a pickle."""
-    import pickle
-
-    try:
-        return torch.load(file, weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint file {file} holds objects other than tensors and plain containers "
-                           f"({first_line}); refusing to load it, since unpickling it could run code. Delete this "
-                           "checkpoint (and its copy under checkpoint_uri) and resume from an earlier one") from None
-
-
-def save_final_weights(directory: Path, module: torch.nn.Module, model_state: dict[str, torch.Tensor]) -> None:
-    """diffusers layout: ``config.json`` + ``diffusion_pytorch_model.safetensors`` of the full state."""
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    module.save_config(directory)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, directory / "diffusion_pytorch_model.safetensors")
-
-
-# --------------------------------------------------------------------------- set-up
-
-
-def build_policy(cfg: TrainConfig, device: torch.device) -> FlowModel:
-    """The policy adapter named by ``cfg.model`` (toy: the cached built-in base)."""
-    if cfg.model.kind == "toy":
-        from mixgrpo.toy.model import load_toy_model
-        from mixgrpo.toy.pretrain import ensure_base_model
-
-        path = cfg.model.path or str(ensure_base_model())
-        policy = load_toy_model(path)
-    elif cfg.model.kind == "flux":
-        from mixgrpo.models.flux import build_flux_policy
-
-        policy = build_flux_policy(cfg.model, device)
-    else:
-        raise NotImplementedError(f"model.kind={cfg.model.kind!r} is not available; use model.kind=toy or flux")
-    policy.module.to(device)
-    if cfg.model.gradient_checkpointing and hasattr(policy.module, "enable_gradient_checkpointing"):
-        policy.module.enable_gradient_checkpointing()
-    return policy
-
-
-def build_rewards(cfg: TrainConfig, names: list[str], device: torch.device) -> dict[str, Reward]:
-    return {name: build_reward(name, **cfg.rewards.options.get(name, {})) for name in names}
+# --------------------------------------------------------------------------- prompts
 
 
 def load_prompts(path: str, split: str) -> list[str]:
@@ -486,17 +343,7 @@ def load_prompts(path: str, split: str) -> list[str]:
     return list({"train": train, "validation": validation, "test": test}[split])
 
 
-# --------------------------------------------------------------------------- faults: missing checkpoint, reward outage, duplicate metrics
-
-
-def no_checkpoint(output_dir: Path, checkpoint_uri: str, required: bool, main: bool) -> None:
-    """``--resume`` found nothing: an error with ``--require-checkpoint``, else a clear notice."""
-    where = f"{output_dir / 'checkpoints'}" + (f" or under {checkpoint_uri}" if checkpoint_uri else "")
-    if required:
-        raise FileNotFoundError(f"--require-checkpoint: no complete checkpoint in {where}; check output_dir / "
-                                "checkpoint_uri, or drop --require-checkpoint to start from scratch")
-    if main:
-        print(f"--resume: no complete checkpoint in {where}; starting from scratch at iteration 0")
+# --------------------------------------------------------------------------- faults: reward outage
 
 
 class RewardOutageError(RuntimeError):
@@ -528,120 +375,7 @@ class RewardFailureGuard:
                     "then rerun with --resume (or raise rewards.max_failed_fraction)")
 
 
-def truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop the records past ``iteration`` (logged before a crash, about to be logged again) and a torn last line."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if int(record.get("iteration", 0)) <= iteration:
-            kept.append(line)
-    path.write_text("".join(f"{line}\n" for line in kept))
-
-
 # --------------------------------------------------------------------------- the loop
-
-
-def mlflow_metrics(record: dict) -> dict[str, float]:
-    """A metrics.jsonl record as MLflow metrics with ``/``-separated names.
-
-    ``rewards.NAME.mean`` -> ``train/reward/NAME`` (``.std`` -> ``train/reward_std/NAME``),
-    ``held_out.NAME`` -> ``eval/held_out/NAME``, any other number ``KEY`` -> ``train/KEY``.
-    """
-    out = {}
-    for key, value in _flat(record).items():
-        if key in ("iteration", "final") or isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
-            continue
-        parts = key.split("/")
-        if parts[0] == "rewards" and len(parts) == 3:
-            name = f"train/{'reward' if parts[2] == 'mean' else 'reward_' + parts[2]}/{parts[1]}"
-        elif parts[0] == "held_out":
-            name = "eval/" + key
-        else:
-            name = "train/" + key
-        out[name] = float(value)
-    return out
-
-
-class MetricsLog:
-    """Append-only JSON-lines metrics file, mirrored live to MLflow when a tracking URI is set, and a
-    progress line every few iterations when no tqdm bar runs (see :mod:`mixgrpo.console`).
-
-    MLflow: the run ``cfg.mlflow_run_id`` (the pipeline's) or a new one; params = the resolved config
-    and the git sha; one metric point per iteration (step = iteration) as it happens.
-    """
-
-    def __init__(self, path: Path, cfg: TrainConfig, start_iteration: int = 0, progress: bool = True):
-        from mixgrpo.console import progress_every
-
-        self.path = path
-        self.mlflow = None
-        self.total = cfg.max_iterations
-        self.every = progress_every(cfg.max_iterations) if progress else 0
-        self.started, self.start_iteration = time.perf_counter(), start_iteration
-        if cfg.mlflow_tracking_uri:  # a client, not mlflow's process-global fluent state
-            from mlflow import MlflowClient
-            from mlflow.entities import Param
-
-            from mixgrpo.transport import check_secret_transport
-
-            if os.environ.get("MLFLOW_TRACKING_TOKEN") and cfg.mlflow_tracking_uri.startswith("http"):
-                check_secret_transport(cfg.mlflow_tracking_uri, "$MLFLOW_TRACKING_TOKEN")
-            from mixgrpo.pipeline_steps import resolve_git_sha
-
-            client = MlflowClient(tracking_uri=cfg.mlflow_tracking_uri)
-            if cfg.mlflow_run_id:
-                client.update_run(cfg.mlflow_run_id, status="RUNNING")
-                run = client.get_run(cfg.mlflow_run_id)
-            else:
-                experiment = client.get_experiment_by_name(cfg.mlflow_experiment)
-                experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow_experiment)
-                run = client.create_run(experiment_id, run_name=Path(cfg.output_dir).name)
-            self.run_id = run.info.run_id
-            params = {k: str(v)[:250] for k, v in _flat(config_to_dict(cfg)).items()}
-            params["git_sha"] = resolve_git_sha() or "unknown"
-            new = [Param(k, v) for k, v in params.items() if k not in run.data.params]  # a resumed run has them
-            for start in range(0, len(new), 100):  # MLflow's limit per request
-                client.log_batch(self.run_id, params=new[start:start + 100])
-            self.mlflow = client
-
-    def log(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.mlflow is not None:
-            from mlflow.entities import Metric
-
-            now, step = int(time.time() * 1000), int(record["iteration"])
-            self.mlflow.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in mlflow_metrics(record).items()])
-        done = int(record["iteration"])
-        if self.every and "rewards" in record and (done % self.every == 0 or done == self.total):
-            from mixgrpo.console import progress_line, say
-
-            per_iteration = (time.perf_counter() - self.started) / max(done - self.start_iteration, 1)
-            say(progress_line(record, self.total, per_iteration))
-        elif self.every and record.get("final"):
-            from mixgrpo.console import held_out_line, say
-
-            say(held_out_line(record["held_out"]))
-
-    def close(self) -> None:
-        if self.mlflow is not None:
-            self.mlflow.set_terminated(self.run_id, "FINISHED")
-
-
-def _flat(mapping: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in mapping.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @dataclass
@@ -828,13 +562,6 @@ def mean_group_std(values: torch.Tensor, group_ids: torch.Tensor) -> float:
     normalise; near 0 a group carries no signal and its normalised advantages are mostly noise."""
     stds = [torch.nan_to_num(values[group_ids == g]).std() for g in torch.unique(group_ids)]
     return float(torch.stack(stds).mean())
-
-
-def build_reference(policy: FlowModel) -> FlowModel:
-    """A frozen copy of the policy at its current (base) weights, for the KL-to-reference term."""
-    reference = copy.copy(policy)
-    reference.module = copy.deepcopy(policy.module).requires_grad_(False).eval()
-    return reference
 
 
 def select_if_best(tracker: BestTracker, iteration: int, policy: FlowModel, rewards: dict[str, Reward],

@@ -25,6 +25,7 @@ and the text encoders are only loaded when a prompt misses the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,15 +39,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mixgrpo.config import ModelConfig
 from mixgrpo.models.base import Conditioning
 
 log = logging.getLogger(__name__)
 
-GUIDANCE = 3.5
-MAX_SEQUENCE_LENGTH = 512
+GUIDANCE = ModelConfig.guidance  # FLUX.1-dev's distilled guidance input (the defaults live in ModelConfig)
+MAX_SEQUENCE_LENGTH = ModelConfig.max_sequence_length
 # The attention projections of FLUX's double-stream blocks (image and text streams) and of its
 # single-stream blocks (to_q/k/v there too), as diffusers' FLUX LoRA scripts target them.
-LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+LORA_TARGET_MODULES = tuple(ModelConfig().lora_target_modules)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default, found by load_lora_weights
 CACHE_FORMAT = "mixgrpo-prompt-embeddings/1"
 CACHE_ENV = "MIXGRPO_CACHE_DIR"
@@ -57,22 +59,14 @@ DType = Literal["auto", "float32", "bfloat16"]
 # --------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
-class FluxSettings:
-    """How to load and run FLUX. Defaults: the paper's training set-up (720x720, guidance 3.5, T5 512)."""
+@dataclass
+class FluxSettings(ModelConfig):
+    """How to load and run FLUX: the run's :class:`~mixgrpo.config.ModelConfig` (image size, guidance, T5
+    length, LoRA, dtypes, embedding cache; defaults: the paper's 720x720, guidance 3.5, T5 512) plus
+    the loader's own knobs below. ``from_pretrained`` takes the path it loads separately."""
 
-    height: int = 720  # image height in pixels; a multiple of 16 (8x VAE, 2x2 packing)
-    width: int = 720  # image width in pixels; a multiple of 16
-    guidance: float = GUIDANCE  # the distilled guidance embedding's input
-    max_sequence_length: int = MAX_SEQUENCE_LENGTH  # T5 tokens (padded / truncated to this)
-    gradient_checkpointing: bool = False  # recompute the DiT's activations in backward
-    lora_rank: int = 0  # 0 = train the full transformer; > 0 = LoRA of this rank, base frozen
-    lora_alpha: float | None = None  # LoRA scaling alpha/rank; None = rank (scale 1)
-    lora_target_modules: tuple[str, ...] = LORA_TARGET_MODULES
-    transformer_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the DiT's weights
     frozen_dtype: DType = "auto"  # VAE and encoders; auto = bf16 on CUDA, float32 elsewhere
     decode_batch_size: int = 4  # images per VAE decode call (memory bound at 720x720)
-    embedding_cache_dir: str = ""  # on-disk prompt-embedding cache; "" = in-memory only
     download_dir: str = ""  # local copy of s3:// / file:// models; "" = $MIXGRPO_CACHE_DIR/models or ~/.cache/mixgrpo/models
 
     def __post_init__(self) -> None:
@@ -527,12 +521,8 @@ class FluxFlowModel:
         return directory
 
 
-def build_flux_policy(model_cfg: object, device: torch.device) -> FluxFlowModel:
-    """The trainer's entry: ``FluxFlowModel`` from a ``ModelConfig`` (path and FLUX fields)."""
+def build_flux_policy(model_cfg: ModelConfig, device: torch.device) -> FluxFlowModel:
+    """The trainer's entry: ``FluxFlowModel`` from the run's ``ModelConfig`` (its path, its FLUX settings)."""
     if not getattr(model_cfg, "path", ""):
         raise ValueError("model.kind=flux needs model.path: a diffusers FLUX directory or its s3:// prefix")
-    names = set(FluxSettings.__dataclass_fields__) & set(vars(model_cfg))
-    values = {name: getattr(model_cfg, name) for name in names}
-    if "lora_target_modules" in values:
-        values["lora_target_modules"] = tuple(values["lora_target_modules"])
-    return FluxFlowModel.from_pretrained(model_cfg.path, FluxSettings(**values), device)
+    return FluxFlowModel.from_pretrained(model_cfg.path, FluxSettings(**dataclasses.asdict(model_cfg)), device)

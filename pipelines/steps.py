@@ -1,4 +1,4 @@
-"""The library side of the pipeline's steps: what each KFP component calls (no kfp import here).
+"""The pipeline's steps: what each KFP component calls (no kfp import here; the library never imports this).
 
 Every step reads and writes the object store by URI (``s3://`` or ``file://``) under one run
 prefix, laid out by :class:`RunLayout`::
@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mixgrpo.provenance import resolve_git_sha
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +112,6 @@ def check_rewards(names: Sequence[str], what: str = "rewards") -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise StepError(f"{what}: unknown reward {', '.join(map(repr, unknown))}; known rewards: {', '.join(known)}")
-
-
-def resolve_git_sha(given: str = "") -> str:
-    """The argument, else $MIXGRPO_IMAGE_TAG (images record their commit there), else the checkout's commit."""
-    if given:
-        return given
-    from mixgrpo.images_config import TAG_ENV, git_sha
-
-    return os.environ.get(TAG_ENV) or git_sha() or ""
 
 
 # --------------------------------------------------------------------------- prepare-prompts
@@ -258,31 +251,37 @@ def cache_rewards_step(rewards: str, held_out: str, weight_sources: str, dest_ur
 # --------------------------------------------------------------------------- train
 
 
-def train_overrides(*, model_uri: str = "", model_kind: str = "toy", mode: str = "mixgrpo", rewards: str = "",
-                    reward_weights: str = "", held_out: str = "", reward_options: Mapping[str, Any] | None = None,
-                    iterations: int = 40, group_size: int = 8, prompts_per_iteration: int = 4,
-                    train_batch_size: int = 8, learning_rate: float = 1e-5, window_size: int = 4,
-                    window_shift_interval: int = 10, window_strategy: str = "", seed: int = 714,
-                    engine: str = "none", extra: str = "") -> dict[str, Any]:
-    """The pipeline parameters as ``section.key`` overrides of :func:`mixgrpo.config.load_config`.
+def train_overrides(*, reward_options: Mapping[str, Any] | None = None, extra: str = "",
+                    **params: Any) -> dict[str, Any]:
+    """The pipeline's training parameters as ``section.key`` overrides of :func:`mixgrpo.config.load_config`.
 
-    ``window_strategy`` "" keeps the mode's preset (the baselines set "all"). ``extra``: more
-    ``section.key=value`` overrides, one per line (or ``;``-separated); they win.
+    ``params``: parameters of :data:`~mixgrpo_pipelines.pipelines.parameters.TRAINING_PARAMETERS` by
+    their pipeline names (a missing one takes its default, the config's). A parameter left at its
+    default whose key the mode's preset sets is left to the preset (``mode=dancegrpo``:
+    ``window.strategy`` "all"). ``extra``: more ``section.key=value`` overrides, one per line (or
+    ``;``-separated); they win.
     """
-    from mixgrpo.config import parse_override
+    from mixgrpo.config import MODE_PRESETS, parse_override
+    from mixgrpo_pipelines.pipelines.parameters import TRAINING_PARAMETERS, config_defaults
 
-    weights = {k: _number(v, f"reward_weights {k}") for k, v in parse_mapping(reward_weights, "reward_weights").items()}
-    values: dict[str, Any] = {
-        "mode": mode, "seed": seed, "max_iterations": iterations, "prompts_per_iteration": prompts_per_iteration,
-        "model.kind": model_kind, "model.path": model_uri, "sampling.group_size": group_size,
-        "optim.train_batch_size": train_batch_size, "optim.lr": learning_rate, "window.size": window_size,
-        "window.shift_interval": window_shift_interval, "rewards.names": parse_names(rewards, "rewards"),
-        "rewards.weights": weights, "rewards.held_out": parse_names(held_out, "held_out_rewards"),
-        "rewards.options": dict(reward_options or {}), "distributed.engine": engine, "progress_bar": False,
-        "eval_every": max(1, iterations // 8), "checkpoint_every": 0,
-    }
-    if window_strategy:
-        values["window.strategy"] = window_strategy
+    unknown = sorted(set(params) - set(TRAINING_PARAMETERS))
+    if unknown:
+        raise StepError(f"train_overrides: {unknown} are not training parameters (known: {', '.join(TRAINING_PARAMETERS)})")
+    defaults = config_defaults()
+    params = {**defaults, **params}
+    if params["mode"] not in MODE_PRESETS:
+        raise StepError(f"mode={params['mode']!r}: use one of {', '.join(MODE_PRESETS)}")
+    preset = MODE_PRESETS[params["mode"]]
+    parse = {"rewards": lambda v: parse_names(v, "rewards"), "held_out_rewards": lambda v: parse_names(v, "held_out_rewards"),
+             "reward_weights": lambda v: {k: _number(w, f"reward_weights {k}")
+                                          for k, w in parse_mapping(v, "reward_weights").items()}}
+    values: dict[str, Any] = {}
+    for name, key in TRAINING_PARAMETERS.items():
+        if key in preset and params[name] == defaults[name]:
+            continue  # left at its default: the mode's preset decides
+        values[key] = parse[name](params[name]) if name in parse else params[name]
+    values.update({"rewards.options": dict(reward_options or {}), "progress_bar": False,
+                   "eval_every": max(1, int(params["iterations"]) // 8), "checkpoint_every": 0})
     for line in re.split(r"[\n;]", extra or ""):
         if line.strip():
             key, value = parse_override(line.strip())
@@ -373,7 +372,7 @@ def train_step(overrides: Mapping[str, Any], prompts_uri: str, layout: RunLayout
 
     ``executor`` "local": in this process (``num_nodes * procs_per_node == 1``) or torchrun on this
     machine (one node). "kubernetes": a Kubeflow Trainer TrainJob of ``num_nodes`` x
-    ``procs_per_node`` GPUs through :mod:`mixgrpo.launcher` (``kubernetes``: namespace, queue,
+    ``procs_per_node`` GPUs through :mod:`mixgrpo.trainjob` (``kubernetes``: namespace, queue,
     timeout_s). Checkpoints go to ``layout.train``, so a retried step resumes from the last one.
     """
     from mixgrpo.config import config_hash, config_to_yaml
@@ -455,12 +454,12 @@ def run_train_job(job_dir: str | Path, procs: int = 1, metrics_uri: str = "", en
 
 
 def train_node_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of a TrainJob node: ``python -m mixgrpo.pipeline_steps train-node --job-uri URI ...``."""
+    """Entry point of a TrainJob node: ``python -m mixgrpo_pipelines.pipelines.steps train-node --job-uri URI ...``."""
     import argparse
 
     from mixgrpo.storage import fetch_dir
 
-    parser = argparse.ArgumentParser(prog="python -m mixgrpo.pipeline_steps train-node")
+    parser = argparse.ArgumentParser(prog="python -m mixgrpo_pipelines.pipelines.steps train-node")
     parser.add_argument("--job-uri", required=True, help="the train-job/ prefix the launcher step published")
     parser.add_argument("--metrics-uri", default="", help="where node 0 publishes metrics.jsonl")
     parser.add_argument("--procs", type=int, default=int(os.environ.get("PET_NPROC_PER_NODE", "1") or 1))
@@ -472,14 +471,14 @@ def train_node_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_trainjob(layout: RunLayout, num_nodes: int, procs: int, options: dict[str, Any]) -> None:
-    from mixgrpo.images_config import image_ref
-    from mixgrpo.launcher import TrainJobSpec, WaitPolicy, connect, run_trainjob
+    from mixgrpo.container_images import image_ref
+    from mixgrpo.trainjob import TrainJobSpec, WaitPolicy, connect, run_trainjob
 
     namespace = options.get("namespace") or _pod_namespace()
     name = f"mixgrpo-{re.sub(r'[^a-z0-9-]', '-', layout.run_id.lower())}"[:63].rstrip("-")
     spec = TrainJobSpec(
         name=name, namespace=namespace, image=image_ref("trainer"),
-        command=("python", "-m", "mixgrpo.pipeline_steps", "train-node", "--job-uri", layout.train_job,
+        command=("python", "-m", "mixgrpo_pipelines.pipelines.steps", "train-node", "--job-uri", layout.train_job,
                  "--metrics-uri", layout.train_metrics, "--procs", str(procs)),
         num_nodes=num_nodes, gpus_per_node=procs, queue=options.get("queue") or None,
         pipeline_run_id=layout.run_id[:63] if re.fullmatch(r"[A-Za-z0-9._-]{1,63}", layout.run_id[:63]) else None,
@@ -693,7 +692,7 @@ def model_aliases(tracking_uri: str, model_name: str, version: str) -> list[str]
     return sorted(client.get_model_version(settings.model_name, version).aliases)
 
 
-if __name__ == "__main__":  # a TrainJob node: python -m mixgrpo.pipeline_steps train-node --job-uri ...
+if __name__ == "__main__":  # a TrainJob node: python -m mixgrpo_pipelines.pipelines.steps train-node --job-uri ...
     if sys.argv[1:2] != ["train-node"]:
-        sys.exit("usage: python -m mixgrpo.pipeline_steps train-node --job-uri URI [--metrics-uri URI] [--procs N]")
+        sys.exit("usage: python -m mixgrpo_pipelines.pipelines.steps train-node --job-uri URI [--metrics-uri URI] [--procs N]")
     sys.exit(train_node_main(sys.argv[2:]))

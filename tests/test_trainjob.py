@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from k8s_emulator import K8sEmulator, Script
-from mixgrpo import trainer_api
-from mixgrpo.launcher import (
+from mixgrpo import trainjob_schema
+from mixgrpo.trainjob import (
     DEFAULT_SECRET_ENV,
     LaunchError,
     SecretEnv,
@@ -105,23 +105,23 @@ def test_minimal_trainjob_leaves_optional_parts_out() -> None:
     assert job["spec"]["trainer"] == {"image": "img:1", "command": ["python", "-V"], "numNodes": 1,
                                       "resourcesPerNode": {"requests": {}, "limits": {}}}
     assert "activeDeadlineSeconds" not in job["spec"]
-    trainer_api.validate(job)
+    trainjob_schema.validate(job)
 
 
 def test_trainjob_validates_against_the_trainer_api_models() -> None:
     job = build_trainjob(spec())
-    trainer_api.validate(job)  # the published models accept it
+    trainjob_schema.validate(job)  # the published models accept it
     job["spec"]["trainer"]["numNode"] = 2  # a typo would be silently dropped by the models' from_dict
-    with pytest.raises(trainer_api.TrainerSchemaError, match=r"spec\.trainer\.numNode\b"):
-        trainer_api.validate(job)
+    with pytest.raises(trainjob_schema.TrainerSchemaError, match=r"spec\.trainer\.numNode\b"):
+        trainjob_schema.validate(job)
     del job["spec"]["trainer"]["numNode"]
     job["spec"]["trainer"]["numNodes"] = "2"
-    with pytest.raises(trainer_api.TrainerSchemaError, match="numNodes"):
-        trainer_api.validate(job)
+    with pytest.raises(trainjob_schema.TrainerSchemaError, match="numNodes"):
+        trainjob_schema.validate(job)
     job["spec"]["trainer"]["numNodes"] = 2
     del job["spec"]["runtimeRef"]["name"]
-    with pytest.raises(trainer_api.TrainerSchemaError, match="name"):
-        trainer_api.validate(job)
+    with pytest.raises(trainjob_schema.TrainerSchemaError, match="name"):
+        trainjob_schema.validate(job)
 
 
 def test_secrets_are_referenced_never_inlined() -> None:

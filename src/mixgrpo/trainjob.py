@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mixgrpo import trainer_api
+from mixgrpo import trainjob_schema
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 DEFAULT_RUNTIME = "mixgrpo-torch"
@@ -128,7 +128,7 @@ class TrainJobSpec:
 
     name: str  # DNS-1035 label, at most 63 characters (it also names the JobSet and the pods)
     namespace: str
-    image: str  # the trainer image (images_config.image_ref("trainer"))
+    image: str  # the trainer image (container_images.image_ref("trainer"))
     command: tuple[str, ...]  # torchrun_command(...) / accelerate_command(...)
     num_nodes: int = 1
     gpus_per_node: int = 8  # nvidia.com/gpu per node; also the processes per node
@@ -162,7 +162,7 @@ def _check_spec(spec: TrainJobSpec) -> None:
     if not spec.command:
         raise ValueError("command is empty: use torchrun_command([...]) or accelerate_command(...)")
     if not spec.image:
-        raise ValueError("image is empty: use mixgrpo.images_config.image_ref('trainer')")
+        raise ValueError("image is empty: use mixgrpo.container_images.image_ref('trainer')")
     if spec.active_deadline_s is not None and spec.active_deadline_s < 1:
         raise ValueError(f"active_deadline_s must be >= 1 or None, got {spec.active_deadline_s}")
     for key, value in {**spec.labels, "pipeline_run_id": spec.pipeline_run_id or "", "queue": spec.queue or ""}.items():
@@ -517,7 +517,7 @@ def run_trainjob(spec: TrainJobSpec, api_client: Any, policy: WaitPolicy = WaitP
     on every exit, as ``policy.cleanup`` says.
     """
     body = build_trainjob(spec)
-    trainer_api.validate(body)
+    trainjob_schema.validate(body)
     job = _Job(api_client, spec.namespace, spec.name)
     started = time.monotonic()
     deadline = started + policy.timeout_s
