@@ -83,7 +83,7 @@ def test_flux_bench_fsdp_two_processes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mixgrpo.cli",
                "bench", "--model", "flux", "--engine", "fsdp", "--blocks", "1,1", *TINY, "--modes", "dancegrpo,mixgrpo",
                "--out", str(tmp_path), "--json"]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
     assert r["setup"]["world_size"] == 2 and r["setup"]["engine"] == "fsdp"
