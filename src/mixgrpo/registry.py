@@ -498,11 +498,7 @@ def log_training_run(
             client.log_batch(run_id, metrics=entries[start : start + 1000])
         for start in range(0, len(param_list), 100):
             client.log_batch(run_id, params=param_list[start : start + 100])
-        for sub, path in (artifacts or {}).items():
-            if Path(path).is_dir():
-                client.log_artifacts(run_id, str(path), artifact_path=sub or None)
-            else:
-                client.log_artifact(run_id, str(path), artifact_path=sub or None)
+        _log_artifacts(client, run_id, artifacts or {})
         client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -538,13 +534,18 @@ def attach_to_run(client: MlflowClient, run_id: str, *, metrics: Mapping[str, fl
             client.log_batch(run_id, metrics=entries[start:start + 1000])
         if tags:
             client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        for sub, path in (artifacts or {}).items():
-            if Path(path).is_dir():
-                client.log_artifacts(run_id, str(path), artifact_path=sub or None)
-            else:
-                client.log_artifact(run_id, str(path), artifact_path=sub or None)
+        _log_artifacts(client, run_id, artifacts or {})
         client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def _log_artifacts(client: MlflowClient, run_id: str, artifacts: Mapping[str, str | os.PathLike[str]]) -> None:
+    """Upload each local file or folder under its sub-directory of the run's artifacts ("" = the root)."""
+    for sub, path in artifacts.items():
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=sub or None)
+        else:
+            client.log_artifact(run_id, str(path), artifact_path=sub or None)
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
