@@ -164,6 +164,10 @@ def test_select_best_writes_the_best_validation_weights(tiny_model_dir, tmp_path
     saved = load_file(result.final_weights / "transformer" / "diffusion_pytorch_model.safetensors")
     best = load_file(tmp_path / "best" / "best" / "model.safetensors")
     assert all(torch.equal(saved[k], best[k]) for k in best)
+    from mixgrpo.evaluate import config_provenance
+
+    provenance = config_provenance(cfg, tmp_path / "best" / "metrics.jsonl")   # the report says which weights these are
+    assert provenance["weights_of_iteration"].startswith(f"{chosen} (best validation evaluation of 4)")
 
 
 @pytest.mark.parametrize("mode, nfe_old", [("mixgrpo-flash", None), ("mixgrpo-flash-star", None)])

@@ -209,11 +209,14 @@ def config_provenance(cfg: TrainConfig, training_metrics: str | Path | None = No
     """What produced the tuned weights: mode, iterations, learning rate, base model, git sha."""
     from mixgrpo.provenance import resolve_git_sha
 
-    iterations = cfg.max_iterations
+    iterations, selected = cfg.max_iterations, {}
     if training_metrics and Path(training_metrics).is_file():
-        done = [json.loads(line).get("iteration", 0) for line in Path(training_metrics).read_text().splitlines() if line.strip()]
-        iterations = max(done, default=iterations)
-    return {"mode": cfg.mode, "iterations": iterations, "learning_rate": cfg.optim.lr, "model_kind": cfg.model.kind,
+        records = [json.loads(line) for line in Path(training_metrics).read_text().splitlines() if line.strip()]
+        iterations = max((r.get("iteration", 0) for r in records), default=iterations)
+        chosen = [r["selected_iteration"] for r in records if "selected_iteration" in r]
+        if chosen:  # select_best: the weights are those of the best validation evaluation, not the last
+            selected = {"weights_of_iteration": f"{chosen[-1]} (best validation evaluation of {iterations})"}
+    return {"mode": cfg.mode, "iterations": iterations, **selected, "learning_rate": cfg.optim.lr, "model_kind": cfg.model.kind,
             "base_model": cfg.model.path or "built-in toy base model", "git_sha": resolve_git_sha(), "seed": cfg.seed}
 
 
