@@ -528,8 +528,12 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
     if cfg.select_best and tracker.best_iteration != final_iteration:
         restore_best(world, policy.module, best_dir)
         if main:
-            print(f"final weights: the best validation evaluation, iteration {tracker.best_iteration} "
-                  f"(combined {tracker.best_score:.4f}), not the last ({final_iteration})")
+            from mixgrpo.console import say
+
+            rejected = [h for h in tracker.history if h["combined"] > tracker.best_score and not h["qualifies"]]
+            why = f"; {len(rejected)} later evaluations scored higher but failed a guard, e.g. {rejected[-1]['failed'][0]}" if rejected else ""
+            say(f"final weights = iteration {tracker.best_iteration} (best validation evaluation, combined "
+                f"{tracker.best_score:.3f}), not the last ({final_iteration}){why}")
     held_out_after = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
     final_dir = output_dir / "final"
     model_state, _ = distributed.full_states(policy.module, optimizer) if world.distributed else ({}, {})
