@@ -18,7 +18,7 @@ from mixgrpo.config import load_config
 from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
 from mixgrpo.checkpoint import checkpoint_dirs
 from mixgrpo.seeding import derive_seed
-from mixgrpo.train import step_plan, train, trained_steps
+from mixgrpo.train import rowwise_step, train, trained_steps
 
 TINY = ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=32)
 
@@ -123,9 +123,15 @@ def test_dancegrpo_trains_sixty_percent_of_transitions(tiny_model_dir, tmp_path)
     per_row = trained_steps(cfg, range(0, 8), torch.Generator().manual_seed(derive_seed(1)), 6)
     assert len(per_row) == 6 and all(len(steps) == 4 and len(set(steps)) == 4 and max(steps) <= 6 for steps in per_row)
     assert len({tuple(steps) for steps in per_row}) > 1                        # drawn per sample, as DanceGRPO does
-    plan = step_plan(per_row)
-    assert [i for i, _ in plan] == sorted({i for steps in per_row for i in steps})
-    assert sorted((row, i) for i, rows in plan for row in rows) == sorted((row, i) for row, steps in enumerate(per_row) for i in steps)
+    # rows at different steps: the row-wise rule equals the rule applied to each row alone
+    from mixgrpo.sampling import dance_sde_step, flow_sigmas
+
+    sigmas, x, v, x_next = flow_sigmas(8, 3.0), torch.randn(6, 5), torch.randn(6, 5), torch.randn(6, 5)
+    column = torch.tensor([row[0] for row in per_row])
+    log_prob, mean, std = rowwise_step(dance_sde_step, x, v, sigmas, column, 0.7, x_next)
+    for r in range(6):
+        alone = dance_sde_step(x[r:r + 1], v[r:r + 1], sigmas, int(column[r]), 0.7, prev_sample=x_next[r:r + 1])
+        assert torch.allclose(log_prob[r], alone.log_prob[0]) and torch.allclose(mean[r], alone.mean[0]) and torch.allclose(std[r], alone.std)
 
 
 def test_dancegrpo_scores_the_last_x0_prediction(tiny_model_dir, tmp_path):

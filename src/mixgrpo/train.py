@@ -103,14 +103,23 @@ def trained_steps(cfg: TrainConfig, rollout_window: range, generator: torch.Gene
     return [sorted(torch.randperm(candidates, generator=generator)[:count].tolist()) for _ in range(num_rows)]
 
 
-def step_plan(steps_per_row: list[list[int]]) -> list[tuple[int, list[int]]]:
-    """Group a micro-batch's (row, step) pairs by step: ``[(step, [rows that train it]), ...]`` in step order,
-    so each step is one forward over the rows that train it (all rows for a sliding window)."""
-    rows_by_step: dict[int, list[int]] = {}
-    for row, steps in enumerate(steps_per_row):
-        for i in steps:
-            rows_by_step.setdefault(i, []).append(row)
-    return sorted(rows_by_step.items())
+def rowwise_step(step_fn: Callable, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, steps: torch.Tensor,
+                 eta: float, x_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step rule for rows that sit at different steps ``steps`` ([b]): (log_prob [b], mean, std [b]).
+
+    The rules take one step index, so rows are grouped by step (one group for a sliding window)."""
+    unique = torch.unique(steps).tolist()
+    if len(unique) == 1:
+        out = step_fn(x, v, sigmas, unique[0], eta, prev_sample=x_next)
+        return out.log_prob, out.mean, out.std.expand(len(x))
+    log_prob = torch.empty(len(x), device=x.device)
+    mean = torch.empty(x.shape, device=x.device)
+    std = torch.empty(len(x), device=x.device)
+    for i in unique:
+        mask = (steps == i).to(x.device)
+        out = step_fn(x[mask], v[mask], sigmas, i, eta, prev_sample=x_next[mask])
+        log_prob[mask], mean[mask], std[mask] = out.log_prob, out.mean, out.std
+    return log_prob, mean, std
 
 
 def step_rule(cfg: TrainConfig) -> Callable:
@@ -270,32 +279,36 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
         group = batches[start:start + o.gradient_accumulation_steps]
         steps_per_mb = [trained_steps(cfg, window, generator, len(rows)) for rows, generator in group]
         for index, ((mb_rows, _), steps_per_row) in enumerate(zip(group, steps_per_mb)):
-            plan = step_plan(steps_per_row)
-            steps_per_sample = len(steps_per_row[0])
+            steps = torch.tensor(steps_per_row)          # [rows, k]: row r trains steps[r, 0..k-1]
+            steps_per_sample = steps.shape[1]
             stats.nfe_train += steps_per_sample  # forward+backward passes per sample (the paper's "NFE train")
-            for position, (i, members) in enumerate(plan):
-                rows = mb_rows[members]
-                cond = index_conditioning(batch.cond, rows.to(device))
-                adv = advantages[rows].to(device)
-                k = i - window.start
-                x = ro.latents[rows, k].to(device)
-                x_next = ro.latents[rows, k + 1].to(device)
-                last = index == len(group) - 1 and position == len(plan) - 1
+            rows = mb_rows
+            cond = index_conditioning(batch.cond, rows.to(device))
+            adv = advantages[rows].to(device)
+            # One forward per position j for every rank and micro-batch (FSDP / DDP need the same number of
+            # collectives everywhere); rows at different steps (DanceGRPO) get one sigma each.
+            for position in range(steps_per_sample):
+                column = steps[:, position]
+                offsets = column - window.start
+                x = ro.latents[rows, offsets].to(device)
+                x_next = ro.latents[rows, offsets + 1].to(device)
+                sigma = ro.sigmas[int(column[0])] if bool((column == column[0]).all()) else ro.sigmas[column.to(ro.sigmas.device)]
+                last = index == len(group) - 1 and position == steps_per_sample - 1
                 with distributed.gradient_sync(policy.module, last):  # all-reduce once per optimiser step
                     with timer.section("forward_train"), autocast_context(cfg, device):
-                        v = policy.velocity(x, ro.sigmas[i], cond).float()
-                    step = step_fn(x, v, ro.sigmas, i, s.eta, prev_sample=x_next)
-                    out = policy_loss(step.log_prob, ro.log_probs[rows, k].to(device), adv, clip_range=o.clip_range, kl_coeff=o.kl_coeff)
+                        v = policy.velocity(x, sigma, cond).float()
+                    log_prob, mean, std = rowwise_step(step_fn, x, v, ro.sigmas, column, s.eta, x_next)
+                    out = policy_loss(log_prob, ro.log_probs[rows, offsets].to(device), adv, clip_range=o.clip_range, kl_coeff=o.kl_coeff)
                     loss = out.loss
                     if reference is not None and o.kl_ref_coeff > 0:
                         with torch.no_grad(), timer.section("forward_reference"), autocast_context(cfg, device):
-                            v_ref = reference.velocity(x, ro.sigmas[i], cond).float()
-                        kl_ref = reference_kl(step.mean, step_fn(x, v_ref, ro.sigmas, i, s.eta, prev_sample=x_next).mean, step.std)
+                            v_ref = reference.velocity(x, sigma, cond).float()
+                        _, mean_ref, _ = rowwise_step(step_fn, x, v_ref, ro.sigmas, column, s.eta, x_next)
+                        kl_ref = reference_kl(mean, mean_ref, std.view(-1, *[1] * (x.ndim - 1)))
                         loss = loss + o.kl_ref_coeff * kl_ref.mean()
                         kl_ref_sum += float(kl_ref.mean())
-                    share = len(members) / len(mb_rows)
                     with timer.section("backward"):
-                        distributed.backward(policy.module, loss * share / (steps_per_sample * len(group)))
+                        distributed.backward(policy.module, loss / (steps_per_sample * len(group)))
                 stats.ratios.append(out.ratio_mean)
                 clip_sum += out.clip_fraction
                 kl_sum += out.approx_kl
