@@ -216,10 +216,14 @@ def main(args: argparse.Namespace) -> int:
 
         return run_learning_bench(args)
     results = run_speed_bench(repeats=1 if args.quick else 5)
-    print(format_table(results))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(results, indent=1))
-    if args.json:
+    return report_results(results, format_table(results), Path(args.out) / "speed.json", args.json)
+
+
+def report_results(results: dict, table: str, path: Path, as_json: bool) -> int:
+    """Print the table, save the results as JSON at ``path`` and, with ``as_json``, print them as the last line."""
+    print(table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    if as_json:
         print(json.dumps(results))
     return 0

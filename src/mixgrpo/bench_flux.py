@@ -120,13 +120,9 @@ def main(args: argparse.Namespace) -> int:
     results = run_flux_bench(options_from_args(args))
     if results is None:  # not rank 0
         return 0
-    print(format_flux_table(results))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "flux_speed.json").write_text(json.dumps(results, indent=1))
-    if args.json:
-        print(json.dumps(results))
-    return 0
+    from mixgrpo.bench import report_results
+
+    return report_results(results, format_flux_table(results), Path(args.out) / "flux_speed.json", args.json)
 
 
 # --------------------------------------------------------------------------- measurement helpers

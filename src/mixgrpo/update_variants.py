@@ -27,8 +27,8 @@ from mixgrpo.config import TrainConfig
 from mixgrpo.distributed import Shard
 from mixgrpo.grpo import policy_loss
 from mixgrpo.models.base import Conditioning, FlowModel, index_conditioning
-from mixgrpo.train import (RolloutBatch, SectionTimer, UpdateStats, autocast_context, micro_batches, step_rule,
-                           trained_steps)
+from mixgrpo.train import (RolloutBatch, SectionTimer, UpdateStats, autocast_context, micro_batches, rowwise_step,
+                           step_rule, trained_steps)
 
 
 def default_shard(batch: RolloutBatch, cfg: TrainConfig, rank: int) -> Shard:
@@ -70,16 +70,8 @@ def window_log_probs(policy: FlowModel, batch: RolloutBatch, cond: Conditioning,
         for j in positions:
             with timer.section(section), autocast_context(cfg, device):
                 velocities.append(policy.velocity(inputs[j], sigma_of(j), cond).float())
-    columns = []
-    for j in positions:
-        column = torch.empty(len(rows), device=device)
-        for i in torch.unique(steps[:, j]).tolist():       # the step rules take one step index
-            mask = (steps[:, j] == i).to(device)
-            x_next = ro.latents[rows[mask.cpu()], i - ro.window.start + 1].to(device)
-            column = column.masked_scatter(mask, step_fn(inputs[j][mask], velocities[j][mask], ro.sigmas, i, eta,
-                                                         prev_sample=x_next).log_prob)
-        columns.append(column)
-    return torch.stack(columns, dim=1)
+    return torch.stack([rowwise_step(step_fn, inputs[j], velocities[j], ro.sigmas, steps[:, j], eta,
+                                     ro.latents[rows, offsets[:, j] + 1].to(device))[0] for j in positions], dim=1)
 
 
 def stored_log_probs(batch: RolloutBatch, rows: torch.Tensor, steps_per_row: list[list[int]]) -> torch.Tensor:
