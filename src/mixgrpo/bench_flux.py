@@ -25,7 +25,6 @@ Reported (``--json``: the keys of ``mixgrpo bench --json`` plus the FLUX ones, o
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
