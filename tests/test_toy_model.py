@@ -1,5 +1,7 @@
 """The toy flow model (tokenizer, text encoder, FLUX transformer adapter), its files, and pre-training."""
 
+import json
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from mixgrpo.toy.model import (
     truncate_timestep,
     unpack,
 )
-from mixgrpo.toy.pretrain import PretrainConfig, ensure_base_model, train_base_model
+from mixgrpo.toy.pretrain import SHIPPED_BASE, PretrainConfig, config_key, ensure_base_model, shipped_base_key, train_base_model
 
 TINY = ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=16,
                       text_dim=8, axes_dims_rope=(4, 6, 6))
@@ -182,3 +184,21 @@ def test_ensure_base_model_force_retrains_in_place(tmp_path):
     assert ensure_base_model(tmp_path, config=config, force=True, progress=False) == path
     assert (path / "pretrain.json").stat().st_mtime_ns != stamp
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_the_shipped_base_model_is_the_default_pretraining_run():
+    """The wheel's base model was made by this code with the default config: same key, same first losses."""
+    record = json.loads((SHIPPED_BASE / "pretrain.json").read_text())
+    assert shipped_base_key() == config_key(PretrainConfig(), 0) == record["key"]
+    assert len(record["losses"]) == PretrainConfig().steps
+    _, first_losses = train_base_model(PretrainConfig(), seed=0, progress=False, stop_after=5)
+    assert first_losses == pytest.approx(record["losses"][:5], rel=1e-4)
+
+
+def test_ensure_base_model_copies_the_shipped_base_instead_of_pretraining(tmp_path):
+    path = ensure_base_model(tmp_path, progress=False)
+    assert path.name == f"toy-base-{shipped_base_key()}"
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (path / weights).read_bytes() == (SHIPPED_BASE / weights).read_bytes()
+    assert isinstance(load_toy_model(path), ToyFlowModel)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

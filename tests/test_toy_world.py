@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mixgrpo.toy.world import (
+    CENTER_JITTER,
     COLORS,
     SHAPES,
     ToyPrompt,
@@ -83,12 +84,18 @@ def test_render_is_seeded_in_range_and_uses_the_prompt_colours():
     assert torch.allclose(blue + mix[:, None] * (yellow - blue), pixels[edge], atol=1e-6)
 
 
-def test_render_batch_draws_each_shape_at_a_random_place_and_size():
+def test_render_batch_draws_each_shape_at_a_random_size_near_the_centre():
     prompts = [parse_prompt("a red square on a white background")] * 16
     images = render_batch(prompts, torch.Generator().manual_seed(0))
-    red_area = (images[:, 1] < 0.5).flatten(1).sum(1).float()
-    assert red_area.min() >= 90 and red_area.max() <= 410  # half-sides in [5, 10] px
+    red = (images[:, 1] < 0.5).float()
+    red_area = red.flatten(1).sum(1)
+    assert red_area.min() >= 130 and red_area.max() <= 410  # half-sides in [6, 10] px
     assert red_area.std() > 20
+    coords = torch.arange(32.0) + 0.5
+    cx = (red.sum(1) * coords).sum(1) / red_area
+    cy = (red.sum(2) * coords).sum(1) / red_area
+    assert (cx - 16).abs().max() <= CENTER_JITTER + 0.5 and (cy - 16).abs().max() <= CENTER_JITTER + 0.5
+    assert cx.std() > 1.0 and cy.std() > 1.0  # the centre moves
 
 
 @pytest.mark.parametrize("shape,area_per_r2", [("circle", math.pi), ("square", 4.0), ("triangle", 2.0)])
