@@ -119,6 +119,8 @@ def test_the_wheel_carries_every_package_and_its_engine_configs_and_nothing_gene
     shipped = {f"mixgrpo/presets/{p.relative_to(presets).as_posix()}" for p in presets.rglob("*") if p.is_file()}
     assert {f"mixgrpo/presets/{f}" for f in ENGINE_FILES} | {"mixgrpo/presets/toy.yaml"} <= shipped <= names
     assert "mixgrpo_pipelines/pipelines/mixgrpo_pipeline.yaml" in names
+    base = REPO / "src" / "mixgrpo" / "toy" / "base"  # the shipped toy base model, every file of it
+    assert {f"mixgrpo/toy/base/{p.relative_to(base).as_posix()}" for p in base.rglob("*") if p.is_file()} <= names
 
 
 @pytest.mark.slow

@@ -306,7 +306,7 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
                         _, mean_ref, _ = rowwise_step(step_fn, x, v_ref, ro.sigmas, column, s.eta, x_next)
                         kl_ref = reference_kl(mean, mean_ref, std.view(-1, *[1] * (x.ndim - 1)))
                         loss = loss + o.kl_ref_coeff * kl_ref.mean()
-                        kl_ref_sum += float(kl_ref.mean())
+                        kl_ref_sum += float(kl_ref.mean().detach())
                     with timer.section("backward"):
                         distributed.backward(policy.module, loss / (steps_per_sample * len(group)))
                 stats.ratios.append(out.ratio_mean)

@@ -3,8 +3,8 @@
 Trained on (registered names):
   - ``toy_object_color``: the non-background mass is object-coloured, over at least
     ``MIN_OBJECT_AREA`` pixels (no object, or a wrong colour, scores ~0).
-  - ``toy_background``: the share of pixels in the background colour, full marks from 75 %
-    (pushes towards small objects).
+  - ``toy_background``: the share of pixels in the background colour, full marks from 55 %
+    (every size the world renders earns them, so it pushes no size; haze and oversized objects lose).
   - ``toy_shape``: soft IoU of the object region with the prompt's shape drawn in a
     *square* box fitted to that region (a template stretched to the region's bounding box was
     gamed by tall bars), rescaled so IoU 0.5 scores 0, times the IoU's lead over the best other
@@ -35,7 +35,7 @@ from mixgrpo.toy.world import SHAPES, color_tensor, parse_prompt, shape_coverage
 
 COLOR_TOLERANCE = 0.6  # RGB distance at which closeness reaches 0
 MIN_OBJECT_AREA = 40.0  # pixels an object needs for full object-colour marks
-BACKGROUND_FULL_MARKS = 0.75  # background share that earns 1.0
+BACKGROUND_FULL_MARKS = 0.55  # background share that earns 1.0 (the largest rendered square leaves ~58 %)
 SHAPE_IOU_FLOOR = 0.5  # IoU mapped to 0 (chance-level overlap); a circle fits a square template at ~0.83
 SHAPE_MARGIN = 0.1  # IoU lead over the best-fitting other shape that earns full marks (rendered shapes lead by >= 0.13)
 REALISM_TOLERANCE = 0.15  # RGB distance for a pixel to count as one of the prompt's colours
