@@ -55,6 +55,11 @@ def test_summary_reports_ci_times_to_target_and_ratio(tmp_path, capsys):
     assert mix["ratio_to_dancegrpo_time"] == pytest.approx(mix["time_to_dancegrpo_final"] / 16.0)
     assert dance["time_to_target"] is None                                    # 0.6 is never reached
     assert (tmp_path / "learning.png").stat().st_size > 0
+    checks = summary["checks"]
+    assert checks["DanceGRPO improves on the base (gain CI above 0)"] is True   # gains 0.04-0.06, CI above 0
+    assert checks["MixGRPO ends at or above DanceGRPO's final mean"] is True
+    assert checks["MixGRPO reaches DanceGRPO's final mean in <= 50% of its time"] is True  # 1.67 s of 16 s
+    assert checks["Flash* ends within MixGRPO's 95% CI"] is None              # Flash* was not run
 
 
 def test_mean_curve_averages_time_and_reward_per_evaluation():
@@ -62,3 +67,16 @@ def test_mean_curve_averages_time_and_reward_per_evaluation():
             [{"iteration": 0, "cpu_s": 0.0, "wall_s": 0.0, "combined": 0.5}, {"iteration": 2, "cpu_s": 6.0, "wall_s": 9.0, "combined": 0.7}]]
     curve = mean_curve(runs)
     assert curve[1]["cpu_s"] == 5.0 and curve[1]["mean"] == pytest.approx(0.65)
+
+
+def test_checks_fail_when_the_baseline_does_not_learn(tmp_path, capsys):
+    for k, dance_final in enumerate([0.49, 0.51, 0.50]):
+        write_run(tmp_path / "dancegrpo" / f"seed{k}", [0.5, 0.5, dance_final], cpu_per_iteration=4.0)
+        write_run(tmp_path / "mixgrpo" / f"seed{k}", [0.5, 0.55, 0.6 + 0.01 * k], cpu_per_iteration=2.0)
+        write_run(tmp_path / "mixgrpo-flash-star" / f"seed{k}", [0.5, 0.5, 0.5], cpu_per_iteration=1.0)
+    summarize(tmp_path, ["dancegrpo", "mixgrpo", "mixgrpo-flash-star"], seeds=3, as_json=True)
+    output = capsys.readouterr().out
+    checks = json.loads(output.strip().splitlines()[-1])["checks"]
+    assert checks["DanceGRPO improves on the base (gain CI above 0)"] is False
+    assert checks["Flash* ends within MixGRPO's 95% CI"] is False           # 0.5 is below MixGRPO's [0.585, 0.635]
+    assert "  NO  DanceGRPO improves on the base" in output

@@ -206,6 +206,7 @@ def summarize(out: Path, modes: list[str], seeds: int, as_json: bool = False) ->
             "gain_ci95": [gain_low, gain_high], "cpu_s": curve[-1]["cpu_s"], "wall_s": curve[-1]["wall_s"],
             "time_to_target": reach_target, "time_to_dancegrpo_final": reach_dance,
             "ratio_to_dancegrpo_time": None if reach_dance is None else reach_dance / dance_total}
+    summary["checks"] = issue_checks(summary["modes"])
     summary["plot"] = str(plot_curves(curves, out / "learning.png"))
     (out / "learning.json").write_text(json.dumps({"summary": summary, "curves": curves, "runs": runs}, indent=1))
     print(f"\nheld-out combined reward, {seeds} seeds (mean [95% CI]); base {base:.4f}; target {target:.4f} "
@@ -218,7 +219,23 @@ def summarize(out: Path, modes: list[str], seeds: int, as_json: bool = False) ->
         to_dance = "never" if row["time_to_dancegrpo_final"] is None else f"{row['time_to_dancegrpo_final']:.0f}"
         ratio = "-" if row["ratio_to_dancegrpo_time"] is None else f"{row['ratio_to_dancegrpo_time']:.2f}"
         print(f"{mode:<20}{row['lr']:>8g}{row['final_mean']:>8.4f}{ci:>17}{gain_ci:>19}{row['cpu_s']:>8.0f}{to_target:>11}{to_dance:>16}{ratio:>7}")
+    for name, verdict in summary["checks"].items():
+        print(f"{'yes' if verdict else ('n/a' if verdict is None else 'NO'):>4}  {name}")
     print(f"plot: {summary['plot']}")
     if as_json:
         print(json.dumps(summary))
     return 0
+
+
+def issue_checks(modes: dict[str, dict]) -> dict[str, bool | None]:
+    """The comparison's claims, each True / False (None where a mode it needs was not run):
+    DanceGRPO gains (gain CI above 0); MixGRPO ends at or above DanceGRPO's final mean and reaches it in at
+    most half of DanceGRPO's time; Flash* ends within MixGRPO's CI."""
+    dance, mix, star = (modes.get(m) for m in ("dancegrpo", "mixgrpo", "mixgrpo-flash-star"))
+    ratio = mix and mix["ratio_to_dancegrpo_time"]
+    return {
+        "DanceGRPO improves on the base (gain CI above 0)": dance and dance["gain_ci95"][0] > 0,
+        "MixGRPO ends at or above DanceGRPO's final mean": (dance and mix) and mix["final_mean"] >= dance["final_mean"],
+        "MixGRPO reaches DanceGRPO's final mean in <= 50% of its time": (dance and mix) and ratio is not None and ratio <= 0.5,
+        "Flash* ends within MixGRPO's 95% CI": (mix and star) and mix["final_ci95"][0] <= star["final_mean"] <= mix["final_ci95"][1],
+    }
