@@ -188,7 +188,7 @@ def ensure_base_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
         if not force and shipped_base_key() == config_key(config, seed):
-            shutil.copytree(SHIPPED_BASE, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(SHIPPED_BASE, staging, dirs_exist_ok=True)
         else:
             pretrain_base_model(config, staging, seed=seed, progress=progress)
         if force and target.exists():
