@@ -68,7 +68,7 @@ def mixgrpo_pipeline(
     train_namespace: str = "",
     kueue_queue: str = "",
     train_timeout_hours: float = 72.0,
-    eval_images_per_prompt: int = 4,
+    eval_images_per_prompt: int = CONFIG["eval_images_per_prompt"],
     eval_max_prompts: int = 0,
     eval_gpus: int = 1,
     mlflow_model_name: str = "mixgrpo-dit",

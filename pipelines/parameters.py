@@ -60,6 +60,10 @@ CONFIG_KEYS: dict[str, str | None] = {
 TRAINING_PARAMETERS: dict[str, str] = {name: key for name, key in CONFIG_KEYS.items() if key}
 """The parameters that set a config key: the train component's training inputs."""
 
+EVALUATION_PARAMETERS: dict[str, str] = {"eval_images_per_prompt": "eval_images_per_prompt"}
+"""Evaluate-step parameters whose default and preset value are a config key's: the evaluation samples as many
+seeds per held-out prompt as the trainer's own held-out evaluation, so the two report the same numbers."""
+
 
 def config_value(cfg: Any, key: str) -> Any:
     """``cfg`` at the dotted ``key`` (``"optim.lr"`` -> ``cfg.optim.lr``)."""
@@ -82,11 +86,12 @@ def _defaults() -> tuple[tuple[str, Any], ...]:
     from mixgrpo.config import load_config
 
     cfg = load_config()  # = `mixgrpo config`: the dataclass defaults and the default mode's preset
-    return tuple((name, as_parameter(config_value(cfg, key))) for name, key in TRAINING_PARAMETERS.items())
+    return tuple((name, as_parameter(config_value(cfg, key)))
+                 for name, key in {**TRAINING_PARAMETERS, **EVALUATION_PARAMETERS}.items())
 
 
 def config_defaults() -> dict[str, Any]:
-    """The pipeline defaults of the mapped parameters: the config's defaults as parameter values."""
+    """The pipeline defaults of the mapped parameters (training and evaluation): the config's defaults as parameter values."""
     return dict(_defaults())
 
 
@@ -104,7 +109,8 @@ def preset_arguments(preset: str) -> tuple[dict[str, Any], list[str]]:
     cfg = load_config(preset)
     base = flat_config(load_config(overrides={"mode": cfg.mode}))  # every parameter at its default, the preset's mode
     defaults = config_defaults()
-    arguments = {name: as_parameter(config_value(cfg, key)) for name, key in TRAINING_PARAMETERS.items()}
+    arguments = {name: as_parameter(config_value(cfg, key))
+                 for name, key in {**TRAINING_PARAMETERS, **EVALUATION_PARAMETERS}.items()}
     arguments = {name: value for name, value in arguments.items() if value != defaults[name]}
     mapped = set(TRAINING_PARAMETERS.values())
     extra = [f"{key}={json.dumps(value)}" for key, value in flat_config(cfg).items()

@@ -232,13 +232,14 @@ def test_one_table_maps_every_pipeline_parameter_and_the_defaults_are_the_config
     from mixgrpo.config import load_config
     from mixgrpo_pipelines import components
     from mixgrpo_pipelines.pipelines.mixgrpo_pipeline import mixgrpo_pipeline
-    from mixgrpo_pipelines.pipelines.parameters import CONFIG_KEYS, TRAINING_PARAMETERS, as_parameter, config_value
+    from mixgrpo_pipelines.pipelines.parameters import (CONFIG_KEYS, EVALUATION_PARAMETERS, TRAINING_PARAMETERS,
+                                                         as_parameter, config_value)
 
     compiled_params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
     signature = list(mixgrpo_pipeline.component_spec.inputs)
     assert list(CONFIG_KEYS) == signature and set(compiled_params) == set(signature), "CONFIG_KEYS vs the signature"
     cfg = load_config()
-    for name, key in TRAINING_PARAMETERS.items():
+    for name, key in {**TRAINING_PARAMETERS, **EVALUATION_PARAMETERS}.items():
         assert compiled_params[name]["defaultValue"] == as_parameter(config_value(cfg, key)), (name, key)
     train_inputs = components.train.component_spec.inputs
     assert set(TRAINING_PARAMETERS) <= set(train_inputs), set(TRAINING_PARAMETERS) - set(train_inputs)
@@ -288,6 +289,9 @@ def test_run_local_trains_exactly_the_toy_preset() -> None:
     assert preset_parameters("toy", {"iterations": 3, "extra_overrides": "window.size=2"})["iterations"] == 3  # --param wins
     assert preset_parameters("toy", {"extra_overrides": "window.size=2"})["extra_overrides"].endswith("window.size=2")
     assert f"iterations={toy['max_iterations']}" in describe_preset("toy") and "toy.yaml" in describe_preset("toy")
+    # The evaluate step samples as many seeds per held-out prompt as the trainer's held-out evaluation.
+    assert toy["eval_images_per_prompt"] != load_config().eval_images_per_prompt
+    assert arguments["eval_images_per_prompt"] == toy["eval_images_per_prompt"]
 
 
 def test_readme_parameter_table_is_generated_from_the_pipeline() -> None:

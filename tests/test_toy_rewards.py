@@ -7,7 +7,8 @@ import torch
 
 from mixgrpo.rewards import available_rewards, build_reward
 from mixgrpo.toy.rewards import HELDOUT_REWARDS, TRAINING_REWARDS, background, contrast, object_color, realism, shape
-from mixgrpo.toy.world import all_prompts, color_tensor, parse_prompt, render_batch
+from mixgrpo.toy.world import (MAX_HALF_SIZE, MIN_HALF_SIZE, SHAPES, all_prompts, color_tensor, parse_prompt, render_batch,
+                               shape_coverage)
 
 ALL = TRAINING_REWARDS + HELDOUT_REWARDS
 
@@ -27,7 +28,7 @@ def test_ground_truth_scores_high(world):
     assert object_color(images, prompts).min() > 0.95
     assert shape(images, prompts).mean() > 0.9 and shape(images, prompts).min() > 0.75
     assert background(images, prompts).mean() > 0.99 and background(images, prompts).min() > 0.97  # no size is preferred
-    assert realism(images, prompts).min() > 0.9
+    assert realism(images, prompts).min() > 0.99
 
 
 def test_wrong_object_colour_scores_low():
@@ -78,6 +79,31 @@ def test_contrast_is_one_for_half_black_half_white_and_zero_for_flat():
     images[1] = 0.5
     scores = contrast(images, ["a white square on a black background"] * 2)
     assert scores.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+@pytest.mark.parametrize("half_size", [MIN_HALF_SIZE, (MIN_HALF_SIZE + MAX_HALF_SIZE) / 2, MAX_HALF_SIZE])
+def test_realism_gives_rendered_shapes_of_every_size_full_marks(half_size):
+    # Counting anti-aliased edge pixels as implausible made a larger drawing look less real (0.97 -> 0.95).
+    prompts = all_prompts()
+    parsed = [parse_prompt(p) for p in prompts]
+    n = len(parsed)
+    centers = 16 + 4 * (2 * torch.rand(n, 2, generator=torch.Generator().manual_seed(0)) - 1)
+    alpha = shape_coverage(torch.tensor([SHAPES.index(p.shape) for p in parsed]), centers,
+                           torch.full((n,), half_size), 32).unsqueeze(1)
+    images = (alpha * color_tensor([p.object_color for p in parsed]).view(n, 3, 1, 1)
+              + (1 - alpha) * color_tensor([p.background for p in parsed]).view(n, 3, 1, 1))
+    assert realism(images, prompts).min() > 0.99
+
+
+def test_realism_catches_haze_and_a_wide_transition(world):
+    prompts, images = world
+    bg = color_tensor([parse_prompt(p).background for p in prompts]).view(-1, 3, 1, 1)
+    obj = color_tensor([parse_prompt(p).object_color for p in prompts]).view(-1, 3, 1, 1)
+    hazy = images.clone()
+    hazy[:, :, :8, :] = 0.6 * bg + 0.4 * obj  # a band of half-mixed colour, touching no pure pixel of the object
+    assert (realism(hazy, prompts) < realism(images, prompts) - 0.15).all()
+    wide = torch.nn.functional.avg_pool2d(images, 5, 1, 2, count_include_pad=False)
+    assert realism(wide, prompts).mean() < realism(images, prompts).mean() - 0.1
 
 
 def test_blur_is_caught_by_shape_and_realism(world):

@@ -14,8 +14,9 @@ Trained on (registered names):
     large objects and extreme luminance, partly against the colour rewards).
 Never trained on:
   - ``toy_heldout_realism`` (function ``realism``): the share of pixels within a tolerance of
-    one of the prompt's two colours; rendered images score ~0.95, noise, blur and
-    off-palette colours score low. A sanity check for reward hacking.
+    one of the prompt's two colours, or on a one-pixel anti-aliased edge between them; rendered
+    images of every size score ~1, noise, haze, blur and off-palette colours score low. A sanity
+    check for reward hacking.
 
 Pixel-to-colour closeness is ``clamp(1 - |rgb - colour| / 0.6, 0, 1)``; palette colours are
 at least 1.0 apart. The object region reads each pixel as a mix of the prompt's background
@@ -76,16 +77,20 @@ def _closeness(images: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
     return (1 - _distance(images, rgb) / COLOR_TOLERANCE).clamp(min=0.0)
 
 
-def _object_fraction(images: torch.Tensor, t: _Targets) -> torch.Tensor:
-    """How much of each pixel is the object: (B, H, W) in [0, 1].
-
-    A pixel is read as the mix ``bg + a * (obj - bg)`` (anti-aliased edges are such mixes):
-    ``a`` is its projection on that segment, discounted by its distance from the segment.
-    """
+def _as_mix(images: torch.Tensor, t: _Targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel read as the mix ``bg + a * (obj - bg)`` (anti-aliased edges are such mixes): ``(a, distance)``,
+    ``a`` in [0, 1] its projection on the segment from background to object colour, ``distance`` its RGB distance
+    from that segment; both (B, H, W)."""
     axis = (t.object_rgb - t.background_rgb).view(-1, 3, 1, 1)
     offset = images - t.background_rgb.view(-1, 3, 1, 1)
     a = ((offset * axis).sum(1) / axis.square().sum(1)).clamp(0.0, 1.0)
-    off_segment = (offset - a.unsqueeze(1) * axis).norm(dim=1)
+    return a, (offset - a.unsqueeze(1) * axis).norm(dim=1)
+
+
+def _object_fraction(images: torch.Tensor, t: _Targets) -> torch.Tensor:
+    """How much of each pixel is the object: (B, H, W) in [0, 1]: its mix ``a`` (``_as_mix``), discounted by its
+    distance from the segment."""
+    a, off_segment = _as_mix(images, t)
     return a * (1 - off_segment / COLOR_TOLERANCE).clamp(min=0.0)
 
 
@@ -173,11 +178,24 @@ def contrast(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return _failed_as_nan(images, (2 * luma.flatten(1).std(dim=1, unbiased=False)).clamp(0.0, 1.0))
 
 
+def _next_to(mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: the pixel or one of its 8 neighbours is in ``mask``."""
+    return torch.nn.functional.max_pool2d(mask.float().unsqueeze(1), 3, stride=1, padding=1).squeeze(1) > 0
+
+
 def realism(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Held-out sanity measure: share of pixels within 0.15 of the object or the background colour."""
+    """Held-out sanity measure: the share of plausible pixels -- within 0.15 of the object or the background
+    colour, or a mix of the two (within 0.15 of the segment between them) that touches a pixel of each, as the
+    one-pixel anti-aliased edge of a rendered shape does. Rendered shapes of every size score ~1 (counting edges
+    as implausible made larger objects look less real); noise, haze, blur and off-palette colours score low.
+    """
     t = _targets(images, prompts)
-    near = torch.minimum(_distance(images, t.object_rgb), _distance(images, t.background_rgb)) < REALISM_TOLERANCE
-    return _failed_as_nan(images, near.float().mean((1, 2)))
+    near_object = _distance(images, t.object_rgb) < REALISM_TOLERANCE
+    near_background = _distance(images, t.background_rgb) < REALISM_TOLERANCE
+    _, off_segment = _as_mix(images, t)
+    edge = (off_segment < REALISM_TOLERANCE) & _next_to(near_object) & _next_to(near_background)
+    plausible = near_object | near_background | edge
+    return _failed_as_nan(images, plausible.float().mean((1, 2)))
 
 
 class ToyReward:
