@@ -64,6 +64,9 @@ EVALUATION_PARAMETERS: dict[str, str] = {"eval_images_per_prompt": "eval_images_
 """Evaluate-step parameters whose default and preset value are a config key's: the evaluation samples as many
 seeds per held-out prompt as the trainer's own held-out evaluation, so the two report the same numbers."""
 
+CONFIG_PARAMETERS: dict[str, str] = {**TRAINING_PARAMETERS, **EVALUATION_PARAMETERS}
+"""Every parameter whose default (and preset value) is a config key's."""
+
 
 def config_value(cfg: Any, key: str) -> Any:
     """``cfg`` at the dotted ``key`` (``"optim.lr"`` -> ``cfg.optim.lr``)."""
@@ -86,8 +89,7 @@ def _defaults() -> tuple[tuple[str, Any], ...]:
     from mixgrpo.config import load_config
 
     cfg = load_config()  # = `mixgrpo config`: the dataclass defaults and the default mode's preset
-    return tuple((name, as_parameter(config_value(cfg, key)))
-                 for name, key in {**TRAINING_PARAMETERS, **EVALUATION_PARAMETERS}.items())
+    return tuple((name, as_parameter(config_value(cfg, key))) for name, key in CONFIG_PARAMETERS.items())
 
 
 def config_defaults() -> dict[str, Any]:
@@ -109,8 +111,7 @@ def preset_arguments(preset: str) -> tuple[dict[str, Any], list[str]]:
     cfg = load_config(preset)
     base = flat_config(load_config(overrides={"mode": cfg.mode}))  # every parameter at its default, the preset's mode
     defaults = config_defaults()
-    arguments = {name: as_parameter(config_value(cfg, key))
-                 for name, key in {**TRAINING_PARAMETERS, **EVALUATION_PARAMETERS}.items()}
+    arguments = {name: as_parameter(config_value(cfg, key)) for name, key in CONFIG_PARAMETERS.items()}
     arguments = {name: value for name, value in arguments.items() if value != defaults[name]}
     mapped = set(TRAINING_PARAMETERS.values())
     extra = [f"{key}={json.dumps(value)}" for key, value in flat_config(cfg).items()

@@ -232,14 +232,14 @@ def test_one_table_maps_every_pipeline_parameter_and_the_defaults_are_the_config
     from mixgrpo.config import load_config
     from mixgrpo_pipelines import components
     from mixgrpo_pipelines.pipelines.mixgrpo_pipeline import mixgrpo_pipeline
-    from mixgrpo_pipelines.pipelines.parameters import (CONFIG_KEYS, EVALUATION_PARAMETERS, TRAINING_PARAMETERS,
+    from mixgrpo_pipelines.pipelines.parameters import (CONFIG_KEYS, CONFIG_PARAMETERS, TRAINING_PARAMETERS,
                                                          as_parameter, config_value)
 
     compiled_params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
     signature = list(mixgrpo_pipeline.component_spec.inputs)
     assert list(CONFIG_KEYS) == signature and set(compiled_params) == set(signature), "CONFIG_KEYS vs the signature"
     cfg = load_config()
-    for name, key in {**TRAINING_PARAMETERS, **EVALUATION_PARAMETERS}.items():
+    for name, key in CONFIG_PARAMETERS.items():
         assert compiled_params[name]["defaultValue"] == as_parameter(config_value(cfg, key)), (name, key)
     train_inputs = components.train.component_spec.inputs
     assert set(TRAINING_PARAMETERS) <= set(train_inputs), set(TRAINING_PARAMETERS) - set(train_inputs)

@@ -7,8 +7,7 @@ import torch
 
 from mixgrpo.rewards import available_rewards, build_reward
 from mixgrpo.toy.rewards import HELDOUT_REWARDS, TRAINING_REWARDS, background, contrast, object_color, realism, shape
-from mixgrpo.toy.world import (MAX_HALF_SIZE, MIN_HALF_SIZE, SHAPES, all_prompts, color_tensor, parse_prompt, render_batch,
-                               shape_coverage)
+from mixgrpo.toy.world import MAX_HALF_SIZE, MIN_HALF_SIZE, all_prompts, color_tensor, parse_prompt, render_batch
 
 ALL = TRAINING_REWARDS + HELDOUT_REWARDS
 
@@ -85,13 +84,8 @@ def test_contrast_is_one_for_half_black_half_white_and_zero_for_flat():
 def test_realism_gives_rendered_shapes_of_every_size_full_marks(half_size):
     # Counting anti-aliased edge pixels as implausible made a larger drawing look less real (0.97 -> 0.95).
     prompts = all_prompts()
-    parsed = [parse_prompt(p) for p in prompts]
-    n = len(parsed)
-    centers = 16 + 4 * (2 * torch.rand(n, 2, generator=torch.Generator().manual_seed(0)) - 1)
-    alpha = shape_coverage(torch.tensor([SHAPES.index(p.shape) for p in parsed]), centers,
-                           torch.full((n,), half_size), 32).unsqueeze(1)
-    images = (alpha * color_tensor([p.object_color for p in parsed]).view(n, 3, 1, 1)
-              + (1 - alpha) * color_tensor([p.background for p in parsed]).view(n, 3, 1, 1))
+    images = render_batch([parse_prompt(p) for p in prompts], torch.Generator().manual_seed(0),
+                          half_sizes=torch.full((len(prompts),), half_size))
     assert realism(images, prompts).min() > 0.99
 
 

@@ -154,10 +154,13 @@ def shape_coverage(shape_ids: torch.Tensor, centers: torch.Tensor, half_sizes: t
     return (0.5 - chosen).clamp(0.0, 1.0)
 
 
-def render_batch(prompts: list[ToyPrompt], generator: torch.Generator) -> torch.Tensor:
-    """Render prompts at random sizes and positions near the centre: (N, 3, 32, 32) in [0, 1]."""
+def render_batch(prompts: list[ToyPrompt], generator: torch.Generator,
+                 half_sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """Render prompts at random sizes (or the given ``half_sizes``, (N,)) and positions near the centre:
+    (N, 3, 32, 32) in [0, 1]."""
     n = len(prompts)
-    half_sizes = MIN_HALF_SIZE + (MAX_HALF_SIZE - MIN_HALF_SIZE) * torch.rand(n, generator=generator)
+    if half_sizes is None:
+        half_sizes = MIN_HALF_SIZE + (MAX_HALF_SIZE - MIN_HALF_SIZE) * torch.rand(n, generator=generator)
     centers = IMAGE_SIZE / 2 + CENTER_JITTER * (2 * torch.rand(n, 2, generator=generator) - 1)
     shape_ids = torch.tensor([SHAPES.index(p.shape) for p in prompts])
     alpha = shape_coverage(shape_ids, centers, half_sizes, IMAGE_SIZE).unsqueeze(1)
