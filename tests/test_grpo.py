@@ -272,3 +272,19 @@ def test_reference_kl_value_and_gradient_on_hand_made_numbers():
     assert mean.grad.flatten().tolist() == pytest.approx([1 / 8, 2 / 8, 0.0, -2 / 8])
     with pytest.raises(ValueError, match="same shape"):
         reference_kl(mean, mean_ref[:1], std)
+
+
+def test_reference_anchor_value_and_gradient_on_hand_made_numbers():
+    from mixgrpo.grpo import reference_anchor
+
+    x0 = torch.tensor([[1.0, 3.0], [0.0, 0.0]], requires_grad=True)
+    x0_ref = torch.tensor([[0.0, 1.0], [0.0, 2.0]], requires_grad=True)
+    anchor = reference_anchor(x0, x0_ref)
+    # mean((x0 - x0_ref)^2) per row: row 0 (1 + 4) / 2, row 1 (0 + 4) / 2
+    assert anchor.tolist() == pytest.approx([5 / 2, 4 / 2])
+    anchor.sum().backward()
+    # d/dx0 = 2 (x0 - x0_ref) / elements; the reference gets no gradient
+    assert x0.grad.flatten().tolist() == pytest.approx([1.0, 2.0, 0.0, -2.0])
+    assert x0_ref.grad is None
+    with pytest.raises(ValueError, match="same shape"):
+        reference_anchor(x0, x0_ref[:1])

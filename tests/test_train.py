@@ -18,7 +18,7 @@ from mixgrpo.config import load_config
 from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
 from mixgrpo.checkpoint import checkpoint_dirs
 from mixgrpo.seeding import derive_seed
-from mixgrpo.train import rowwise_step, train, trained_steps
+from mixgrpo.train import post_window_states, rowwise_step, train, trained_steps
 
 TINY = ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=32)
 
@@ -156,6 +156,48 @@ def test_kl_to_reference_is_zero_at_the_start_and_grows(tiny_model_dir, tmp_path
     records = [r for r in read_metrics(tmp_path / "kl") if "loss" in r]
     assert records[0]["optimizer_steps"] == 1
     assert records[0]["kl_ref"] == 0.0 < records[-1]["kl_ref"]   # before the first step the policy is the reference
+
+
+def test_post_window_states_noise_the_final_sample_at_steps_after_the_window():
+    sigmas = torch.linspace(1.0, 0.0, 9)          # 8 steps; the window holds steps 2, 3
+    sample = torch.randn(500, 3, 2)
+    x, s = post_window_states(sample, sigmas, range(2, 4), torch.Generator().manual_seed(0))
+    allowed = sigmas[4:8]                          # every step after the window, none with sigma 0
+    assert set(s.tolist()) == set(allowed.tolist())
+    eps = (x - (1 - s.view(-1, 1, 1)) * sample) / s.view(-1, 1, 1)
+    assert abs(float(eps.mean())) < 0.05 and abs(float(eps.std()) - 1.0) < 0.05   # x = (1 - s) x0 + s eps, eps ~ N(0, 1)
+    again = post_window_states(sample, sigmas, range(2, 4), torch.Generator().manual_seed(0))
+    assert torch.equal(x, again[0]) and torch.equal(s, again[1])
+    _, last_two = post_window_states(sample, sigmas, range(2, 4), torch.Generator().manual_seed(0), last_steps=2)
+    assert set(last_two.tolist()) == set(sigmas[6:8].tolist())
+    _, beyond = post_window_states(sample, sigmas, range(2, 4), torch.Generator().manual_seed(0), last_steps=20)
+    assert set(beyond.tolist()) == set(allowed.tolist())   # never a step of the window
+
+
+def test_anchor_keeps_the_steps_after_the_window_near_the_base(tiny_model_dir, tmp_path):
+    from mixgrpo.grpo import reference_anchor
+    from mixgrpo.solvers import data_prediction
+    from mixgrpo.toy.model import load_toy_model
+
+    base = load_toy_model(tiny_model_dir)
+    prompts = ["a red circle on a black background", "a blue square on a white background"]
+    x, s = post_window_states(torch.randn(8, *base.latent_shape()), torch.linspace(1.0, 0.0, 9), range(0, 2),
+                              torch.Generator().manual_seed(1))
+    cond = base.encode_prompts([p for p in prompts for _ in range(4)])
+
+    def drift(run: str) -> float:
+        tuned = load_toy_model(tmp_path / run / "final")
+        with torch.no_grad():
+            x0s = [data_prediction(x, m.velocity(x, s, cond), s.view(-1, 1, 1)) for m in (tuned, base)]
+        return float(reference_anchor(*x0s).mean())
+
+    common = {"checkpoint_every": 0, "max_iterations": 4, "window.shift_interval": 100, "optim.lr": 3e-3}
+    train(tiny_config(tiny_model_dir, tmp_path / "free", **common))
+    train(tiny_config(tiny_model_dir, tmp_path / "anchored", **common, **{"optim.anchor_coeff": 1e3}))
+    records = [r for r in read_metrics(tmp_path / "anchored") if "loss" in r]
+    assert records[0]["anchor"] >= 0.0 and records[-1]["anchor"] > 0.0
+    free, anchored = drift("free"), drift("anchored")
+    assert anchored < 0.5 * free
 
 
 def test_select_best_writes_the_best_validation_weights(tiny_model_dir, tmp_path):

@@ -160,6 +160,14 @@ class OptimConfig:
     kl_ref_coeff: float = 0.0
     """beta of the KL to a frozen copy of the base policy, (mu - mu_ref)^2/(2 s^2) per trained step
     (Flow-GRPO's regulariser, 0.04 there); 0 = off, as in MixGRPO. Costs one extra forward per trained step."""
+    anchor_coeff: float = 0.0
+    """Weight of the anchor on the steps *after* the window, which MixGRPO never trains but whose behaviour moves
+    with the shared weights: per trajectory, one state ``(1 - s) x0 + s eps`` of its final sample at a sigma ``s``
+    drawn from the steps after the window, loss ``mean((x0_pred - x0_pred_ref)^2)`` to the frozen base
+    (``grpo.reference_anchor``). 0 = off (not in the paper). Costs two forwards (one with backward) per micro-batch."""
+    anchor_steps: int = 0
+    """The anchor's states come from the last ``anchor_steps`` steps of the schedule that are after the window
+    (0 = every step after the window). Anchoring every later step also holds back the steps the window reaches later."""
 
 
 @dataclass
@@ -468,6 +476,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (w.strategy == "all" or 1 <= w.size <= s.num_steps - 2, f"window.size must be in [1, num_steps-2={s.num_steps - 2}]"),
         (0 < w.train_fraction <= 1, "window.train_fraction must be in (0, 1]"),
         (o.kl_ref_coeff >= 0, "optim.kl_ref_coeff must be >= 0 (0 = no KL to the reference policy)"),
+        (o.anchor_coeff >= 0, "optim.anchor_coeff must be >= 0 (0 = no anchor after the window)"),
+        (o.anchor_steps >= 0, "optim.anchor_steps must be >= 0 (0 = every step after the window)"),
         (0 <= cfg.selection_min_diversity <= 1, "selection_min_diversity must be in [0, 1] (a fraction of the base's diversity)"),
         (cfg.selection_tolerance >= 0, "selection_tolerance must be >= 0"),
         (cfg.early_stop_patience >= 0, "early_stop_patience must be >= 0 (0 = never stop early)"),

@@ -319,3 +319,16 @@ def reference_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
         raise ValueError("std must be > 0 (an SDE step's noise level)")
     kl = (mean.float() - mean_ref.detach().float()).square() / (2.0 * std.float() ** 2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def reference_anchor(x0: Tensor, x0_ref: Tensor) -> Tensor:
+    """How far the policy's clean-image prediction ``x0`` is from the frozen reference's, per sample:
+    ``mean((x0 - x0_ref)^2)`` over the non-batch elements (``x0_ref`` a constant).
+
+    The anchor for states the window does not train: their ODE steps have no noise, so no KL, but their
+    prediction is what ``reference_kl`` compares through the mean (``mu = x + dt * v`` with ``v = (x - x0) / sigma``).
+    """
+    if x0.shape != x0_ref.shape:
+        raise ValueError(f"x0 {tuple(x0.shape)} and x0_ref {tuple(x0_ref.shape)} must have the same shape")
+    squared = (x0.float() - x0_ref.detach().float()).square()
+    return squared.mean(dim=tuple(range(1, squared.ndim)))

@@ -31,12 +31,13 @@ from mixgrpo.checkpoint import (CHECKPOINT_PREFIX, checkpoint_dirs, latest_check
                                 save_checkpoint, save_final_weights)
 from mixgrpo.config import TrainConfig, config_to_yaml
 from mixgrpo.distributed import Shard, World
-from mixgrpo.grpo import policy_loss, reference_kl
+from mixgrpo.grpo import policy_loss, reference_anchor, reference_kl
 from mixgrpo.models.base import Conditioning, FlowModel, index_conditioning, repeat_conditioning
 from mixgrpo.policies import build_policy, build_reference, build_rewards
 from mixgrpo.rewards.base import Reward
 from mixgrpo.seeding import generator_for
 from mixgrpo.selection import BestTracker
+from mixgrpo.solvers import data_prediction
 from mixgrpo.sampling import Rollout, dance_sde_step, flow_sigmas, mixed_rollout, sde_step
 from mixgrpo.tracking import MetricsLog, truncate_metrics
 from mixgrpo.window import SlidingWindow
@@ -101,6 +102,22 @@ def trained_steps(cfg: TrainConfig, rollout_window: range, generator: torch.Gene
     candidates = cfg.sampling.num_steps - 1
     count = max(1, int(candidates * cfg.window.train_fraction))
     return [sorted(torch.randperm(candidates, generator=generator)[:count].tolist()) for _ in range(num_rows)]
+
+
+def post_window_states(sample: torch.Tensor, sigmas: torch.Tensor, window: range, generator: torch.Generator,
+                       last_steps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """States for ``optim.anchor_coeff``, one per row: ``x = (1 - s) * x0 + s * eps`` with ``x0`` the row's final
+    sample and ``s`` uniform over the steps after the window (``sigmas[window.stop:-1]``, all > 0; the window
+    never holds the last two steps), only the last ``last_steps`` of the schedule when > 0.
+    Returns (x [b, ...] float32, s [b]), on the CPU."""
+    num_steps = len(sigmas) - 1
+    first = max(window.stop, num_steps - last_steps) if last_steps > 0 else window.stop
+    after = sigmas[first:-1].float().cpu()
+    index = torch.randint(len(after), (len(sample),), generator=generator)
+    s = after[index]
+    eps = torch.randn(sample.shape, generator=generator, dtype=torch.float32)
+    s_rows = s.view(-1, *[1] * (sample.ndim - 1))
+    return (1 - s_rows) * sample.float().cpu() + s_rows * eps, s
 
 
 def rowwise_step(step_fn: Callable, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, steps: torch.Tensor,
@@ -205,6 +222,7 @@ class UpdateStats:
     clip_fraction: float = 0.0
     approx_kl: float = 0.0
     kl_ref: float = 0.0
+    anchor: float = 0.0
     grad_norm: float = 0.0
     optimizer_steps: int = 0
     nfe_train: int = 0
@@ -262,7 +280,8 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
     an optimiser step averages over samples, their steps and micro-batches; DDP / FSDP then average the
     gradients over the ranks, which equals one process accumulating all ranks' micro-batches. With
     ``reference`` (a frozen base policy) and ``optim.kl_ref_coeff`` = beta, each term adds
-    ``beta * (mu - mu_ref)^2 / (2 s^2)`` (``grpo.reference_kl``).
+    ``beta * (mu - mu_ref)^2 / (2 s^2)`` (``grpo.reference_kl``). With ``optim.anchor_coeff`` = c, each micro-batch
+    adds ``c * reference_anchor`` at one state after the window per row (``post_window_states``).
     """
     o, s = cfg.optim, cfg.sampling
     timer = timer or SectionTimer()
@@ -273,18 +292,21 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
     shard = shard or Shard(tuple(range(rank * groups, (rank + 1) * groups)), range(s.group_size))
     batches = micro_batches(cfg, shard, iteration)
     stats = UpdateStats()
-    clip_sum = kl_sum = loss_sum = kl_ref_sum = 0.0
-    terms = 0
+    clip_sum = kl_sum = loss_sum = kl_ref_sum = anchor_sum = 0.0
+    terms = anchor_terms = 0
+    anchored = reference is not None and o.anchor_coeff > 0
     for start in range(0, len(batches), o.gradient_accumulation_steps):
         group = batches[start:start + o.gradient_accumulation_steps]
         steps_per_mb = [trained_steps(cfg, window, generator, len(rows)) for rows, generator in group]
-        for index, ((mb_rows, _), steps_per_row) in enumerate(zip(group, steps_per_mb)):
+        for index, ((mb_rows, generator), steps_per_row) in enumerate(zip(group, steps_per_mb)):
             steps = torch.tensor(steps_per_row)          # [rows, k]: row r trains steps[r, 0..k-1]
             steps_per_sample = steps.shape[1]
             stats.nfe_train += steps_per_sample  # forward+backward passes per sample (the paper's "NFE train")
             rows = mb_rows
             cond = index_conditioning(batch.cond, rows.to(device))
             adv = advantages[rows].to(device)
+            anchor_states = (post_window_states(ro.sample[rows], ro.sigmas, window, generator, o.anchor_steps)
+                             if anchored else None)
             # One forward per position j for every rank and micro-batch (FSDP / DDP need the same number of
             # collectives everywhere); rows at different steps (DanceGRPO) get one sigma each.
             for position in range(steps_per_sample):
@@ -307,8 +329,14 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
                         kl_ref = reference_kl(mean, mean_ref, std.view(-1, *[1] * (x.ndim - 1)))
                         loss = loss + o.kl_ref_coeff * kl_ref.mean()
                         kl_ref_sum += float(kl_ref.mean().detach())
+                    loss = loss / (steps_per_sample * len(group))
+                    if anchor_states is not None and position == steps_per_sample - 1:
+                        anchor = anchor_term(policy, reference, anchor_states, cond, cfg, device, timer)
+                        loss = loss + o.anchor_coeff * anchor.mean() / len(group)
+                        anchor_sum += float(anchor.mean().detach())
+                        anchor_terms += 1
                     with timer.section("backward"):
-                        distributed.backward(policy.module, loss / (steps_per_sample * len(group)))
+                        distributed.backward(policy.module, loss)
                 stats.ratios.append(out.ratio_mean)
                 clip_sum += out.clip_fraction
                 kl_sum += out.approx_kl
@@ -321,9 +349,23 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
     stats.clip_fraction = clip_sum / max(terms, 1)
     stats.approx_kl = kl_sum / max(terms, 1)
     stats.kl_ref = kl_ref_sum / max(terms, 1)
+    stats.anchor = anchor_sum / max(anchor_terms, 1)
     stats.ratio_mean = sum(stats.ratios) / max(len(stats.ratios), 1)
     stats.ratio_first_microbatch = stats.ratios[0] if stats.ratios else 1.0
     return stats
+
+
+def anchor_term(policy: FlowModel, reference: FlowModel, states: tuple[torch.Tensor, torch.Tensor], cond: Conditioning,
+                cfg: TrainConfig, device: torch.device, timer: SectionTimer) -> torch.Tensor:
+    """``reference_anchor`` at ``post_window_states``: the policy's x0 prediction (with gradient) against the frozen
+    reference's, per row."""
+    x, sigma = states[0].to(device), states[1].to(device)
+    with timer.section("forward_anchor"), autocast_context(cfg, device):
+        v = policy.velocity(x, sigma, cond).float()
+    with torch.no_grad(), timer.section("forward_reference"), autocast_context(cfg, device):
+        v_ref = reference.velocity(x, sigma, cond).float()
+    sigma_rows = sigma.view(-1, *[1] * (x.ndim - 1))
+    return reference_anchor(data_prediction(x, v, sigma_rows), data_prediction(x, v_ref, sigma_rows))
 
 
 # --------------------------------------------------------------------------- evaluation on held-out prompts
@@ -439,7 +481,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
 
     policy = build_policy(cfg, dev)
     raw_module = policy.module
-    reference = build_reference(policy) if cfg.optim.kl_ref_coeff > 0 else None
+    reference = build_reference(policy) if cfg.optim.kl_ref_coeff > 0 or cfg.optim.anchor_coeff > 0 else None
     policy.module, optimizer = distributed.prepare(raw_module, world, cfg, lambda params: torch.optim.AdamW(
         params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay))
     # from here on the adapter's forward (``self.module(...)``) goes through the engine
@@ -512,7 +554,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
             "advantage": {"mean": float(advantages.mean()), "std": float(advantages.std()), "abs_max": float(advantages.abs().max()),
                           "failed": adv_stats.num_failed, "invalid": adv_stats.num_invalid, "clipped": adv_stats.num_clipped},
             "loss": update.loss, "ratio_mean": update.ratio_mean, "ratio_first_microbatch": update.ratio_first_microbatch,
-            "clip_fraction": update.clip_fraction, "approx_kl": update.approx_kl, "kl_ref": update.kl_ref, "grad_norm": update.grad_norm,
+            "clip_fraction": update.clip_fraction, "approx_kl": update.approx_kl, "kl_ref": update.kl_ref, "anchor": update.anchor, "grad_norm": update.grad_norm,
             "optimizer_steps": update.optimizer_steps,
             "seconds": {"rollout": t1 - t0, "reward": t2 - t1, "train": t3 - t2, "total": t3 - t0, "cpu_total": cpu3 - cpu0,
                         **{f"model_{name}": value for name, value in timer.seconds.items()}},
