@@ -172,6 +172,7 @@ def test_post_window_states_noise_the_final_sample_at_steps_after_the_window():
     assert set(last_two.tolist()) == set(sigmas[6:8].tolist())
     _, beyond = post_window_states(sample, sigmas, range(2, 4), torch.Generator().manual_seed(0), last_steps=20)
     assert set(beyond.tolist()) == set(allowed.tolist())   # never a step of the window
+    assert post_window_states(sample, sigmas, range(0, 8), torch.Generator()) is None   # every step is SDE
 
 
 def test_anchor_keeps_the_steps_after_the_window_near_the_base(tiny_model_dir, tmp_path):
@@ -198,6 +199,13 @@ def test_anchor_keeps_the_steps_after_the_window_near_the_base(tiny_model_dir, t
     assert records[0]["anchor"] >= 0.0 and records[-1]["anchor"] > 0.0
     free, anchored = drift("free"), drift("anchored")
     assert anchored < 0.5 * free
+
+
+def test_anchor_is_a_no_op_when_every_step_is_sde(tiny_model_dir, tmp_path):
+    train(tiny_config(tiny_model_dir, tmp_path / "dance", mode="dancegrpo", checkpoint_every=0, max_iterations=1,
+                      **{"optim.anchor_coeff": 1.0}))
+    records = [r for r in read_metrics(tmp_path / "dance") if "loss" in r]
+    assert records[0]["anchor"] == 0.0 and records[0]["optimizer_steps"] >= 1
 
 
 def test_select_best_writes_the_best_validation_weights(tiny_model_dir, tmp_path):

@@ -105,14 +105,16 @@ def trained_steps(cfg: TrainConfig, rollout_window: range, generator: torch.Gene
 
 
 def post_window_states(sample: torch.Tensor, sigmas: torch.Tensor, window: range, generator: torch.Generator,
-                       last_steps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       last_steps: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
     """States for ``optim.anchor_coeff``, one per row: ``x = (1 - s) * x0 + s * eps`` with ``x0`` the row's final
-    sample and ``s`` uniform over the steps after the window (``sigmas[window.stop:-1]``, all > 0; the window
-    never holds the last two steps), only the last ``last_steps`` of the schedule when > 0.
-    Returns (x [b, ...] float32, s [b]), on the CPU."""
+    sample (the image the rewards scored) and ``s`` uniform over the steps after the window
+    (``sigmas[window.stop:-1]``, all > 0), only the last ``last_steps`` of the schedule when > 0.
+    Returns (x [b, ...] float32, s [b]) on the CPU, or None when every step is in the window (all-SDE modes)."""
     num_steps = len(sigmas) - 1
     first = max(window.stop, num_steps - last_steps) if last_steps > 0 else window.stop
     after = sigmas[first:-1].float().cpu()
+    if len(after) == 0:
+        return None
     index = torch.randint(len(after), (len(sample),), generator=generator)
     s = after[index]
     eps = torch.randn(sample.shape, generator=generator, dtype=torch.float32)
@@ -305,8 +307,8 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
             rows = mb_rows
             cond = index_conditioning(batch.cond, rows.to(device))
             adv = advantages[rows].to(device)
-            anchor_states = (post_window_states(ro.sample[rows], ro.sigmas, window, generator, o.anchor_steps)
-                             if anchored else None)
+            anchor_states = (post_window_states((ro.pred_x0 if s.decode_pred_x0 else ro.sample)[rows], ro.sigmas, window,
+                                                generator, o.anchor_steps) if anchored else None)
             # One forward per position j for every rank and micro-batch (FSDP / DDP need the same number of
             # collectives everywhere); rows at different steps (DanceGRPO) get one sigma each.
             for position in range(steps_per_sample):
