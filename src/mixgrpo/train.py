@@ -297,6 +297,9 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
     clip_sum = kl_sum = loss_sum = kl_ref_sum = anchor_sum = 0.0
     terms = anchor_terms = 0
     anchored = reference is not None and o.anchor_coeff > 0
+    # The evaluation's (and MixGRPO's) schedule, not Flash's compressed one after the window: the anchor holds the
+    # last steps the tuned model is sampled with.
+    anchor_sigmas = flow_sigmas(s.num_steps, s.shift)
     for start in range(0, len(batches), o.gradient_accumulation_steps):
         group = batches[start:start + o.gradient_accumulation_steps]
         steps_per_mb = [trained_steps(cfg, window, generator, len(rows)) for rows, generator in group]
@@ -307,8 +310,8 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
             rows = mb_rows
             cond = index_conditioning(batch.cond, rows.to(device))
             adv = advantages[rows].to(device)
-            anchor_states = (post_window_states((ro.pred_x0 if s.decode_pred_x0 else ro.sample)[rows], ro.sigmas, window,
-                                                generator, o.anchor_steps) if anchored else None)
+            anchor_states = (post_window_states((ro.pred_x0 if s.decode_pred_x0 else ro.sample)[rows], anchor_sigmas,
+                                                window, generator, o.anchor_steps) if anchored else None)
             # One forward per position j for every rank and micro-batch (FSDP / DDP need the same number of
             # collectives everywhere); rows at different steps (DanceGRPO) get one sigma each.
             for position in range(steps_per_sample):
