@@ -176,9 +176,8 @@ def test_post_window_states_noise_the_final_sample_at_steps_after_the_window():
 
 
 def test_anchor_keeps_the_steps_after_the_window_near_the_base(tiny_model_dir, tmp_path):
-    from mixgrpo.grpo import reference_anchor
-    from mixgrpo.solvers import data_prediction
     from mixgrpo.toy.model import load_toy_model
+    from mixgrpo.train import SectionTimer, anchor_term
 
     base = load_toy_model(tiny_model_dir)
     prompts = ["a red circle on a black background", "a blue square on a white background"]
@@ -189,10 +188,10 @@ def test_anchor_keeps_the_steps_after_the_window_near_the_base(tiny_model_dir, t
     def drift(run: str) -> float:
         tuned = load_toy_model(tmp_path / run / "final")
         with torch.no_grad():
-            x0s = [data_prediction(x, m.velocity(x, s, cond), s.view(-1, 1, 1)) for m in (tuned, base)]
-        return float(reference_anchor(*x0s).mean())
+            return float(anchor_term(tuned, base, (x, s), cond, cfg, torch.device("cpu"), SectionTimer()).mean())
 
     common = {"checkpoint_every": 0, "max_iterations": 4, "window.shift_interval": 100, "optim.lr": 3e-3}
+    cfg = tiny_config(tiny_model_dir, tmp_path / "unused", **common)
     train(tiny_config(tiny_model_dir, tmp_path / "free", **common))
     train(tiny_config(tiny_model_dir, tmp_path / "anchored", **common, **{"optim.anchor_coeff": 1e3}))
     records = [r for r in read_metrics(tmp_path / "anchored") if "loss" in r]
