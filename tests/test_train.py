@@ -273,3 +273,12 @@ def test_evaluate_writes_metrics_grid_and_report(tiny_model_dir, tmp_path):
         evaluate(cfg, trained.final_weights, tmp_path / "bad", hybrid_steps=8)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         evaluate(cfg, tmp_path / "nowhere", tmp_path / "bad2")
+
+
+def test_window_bounds_reach_the_trainer(tiny_model_dir, tmp_path):
+    """window.min_left / max_left: the trained windows cycle between the bounds (metrics' window_start)."""
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", max_iterations=5, checkpoint_every=0, eval_every=0,
+                      **{"window.min_left": 2, "window.max_left": 3})
+    train(cfg)
+    starts = [r["window_start"] for r in read_metrics(tmp_path / "run") if "window_start" in r]
+    assert starts == [2, 3, 2, 3, 2]

@@ -177,11 +177,34 @@ def test_steps_is_a_pure_function_of_the_iteration(strategy):
         ({"num_steps": 2, "size": 1}, "num_steps=2"),
         ({"interval_min": 0}, "interval_min=0"),
         ({"interval_max": 1, "interval_min": 2}, "interval_max=1"),
+        ({"max_left": 23}, "max_left=23"),
+        ({"max_left": -2}, "max_left=-2"),
+        ({"min_left": 5, "max_left": 4}, "min_left=5"),
+        ({"min_left": 23}, "min_left=23"),
     ],
 )
 def test_bad_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SlidingWindow(**kwargs)
+
+
+def test_bounded_left_edges_cycle_between_min_and_max_left():
+    window = SlidingWindow(shift_interval=10, min_left=4, max_left=11)
+    cycle = expand([(left, 10) for left in range(4, 12)])
+    assert window.schedule(240) == (cycle * 3)[:240]
+    # max_left alone: from 0 to 11, then back to 0 (the paper's range would go on to 22)
+    upper = SlidingWindow(shift_interval=10, max_left=11)
+    assert [upper.left_edge(m) for m in range(0, 260, 10)] == [*range(12), *range(12), 0, 1]
+    # the defaults are the paper's / reference's range
+    assert SlidingWindow(max_left=22).schedule(ITERATIONS) == SlidingWindow().schedule(ITERATIONS)
+
+
+def test_bounded_left_edges_for_the_other_strategies():
+    assert {SlidingWindow(strategy="frozen", min_left=5).left_edge(m) for m in range(50)} == {5}
+    edges = Counter(SlidingWindow(strategy="random", min_left=4, max_left=11, seed=1).left_edge(m) for m in range(2000))
+    assert set(edges) == set(range(4, 12))
+    clamped = SlidingWindow(roll_back=False, shift_interval=10, min_left=2, max_left=6)
+    assert [clamped.left_edge(m) for m in range(0, 100, 10)] == [2, 3, 4, 5, 6, 6, 6, 6, 6, 6]
 
 
 def test_negative_iteration_is_rejected():

@@ -82,7 +82,7 @@ def build_window(cfg: TrainConfig) -> SlidingWindow | None:
     return SlidingWindow(
         num_steps=cfg.sampling.num_steps, size=w.size, shift_interval=w.shift_interval, stride=w.stride,
         strategy=w.strategy, roll_back=w.roll_back, seed=cfg.seed,
-        interval_max=w.interval_max, interval_min=w.interval_min,
+        interval_max=w.interval_max, interval_min=w.interval_min, min_left=w.min_left, max_left=w.max_left,
     )
 
 

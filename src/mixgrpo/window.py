@@ -19,6 +19,11 @@ Code vs paper (the reference code is the default):
     least one step; the two agree whenever a left edge never lands exactly on ``T - 2``.
   * ``roll_back=False`` (paper): ``l <- min(l + s, T - w)``, then ``l`` stays there. For
     ``w <= 2`` that edge would give an empty window, so the clamp is ``min(T - w, T - 3)``.
+
+Not in the paper (off by default): ``min_left`` / ``max_left`` bound the left edge, so the window
+visits only ``l`` in ``[min_left, max_left]`` (progressive: from ``min_left`` up to ``max_left``, then back
+to ``min_left``; random: uniform there; frozen: at ``min_left``). On the toy world a group's shape
+reward spreads 3x less once the window passes step 11 (README), so later windows teach little.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class SlidingWindow:
             of clamping at the paper's ``T - w``. See the module docstring.
         seed: seed of the "random" strategy.
         interval_max, interval_min: the "linear_decay" interval at ``l = 0`` and ``l = T - 2``.
+        min_left, max_left: the lowest and highest left edge the window takes (``max_left`` -1 = no bound
+            but the last trainable step); see the module docstring.
     """
 
     num_steps: int = 25
@@ -80,6 +87,8 @@ class SlidingWindow:
     seed: int = 0
     interval_max: int = 10
     interval_min: int = 1
+    min_left: int = 0
+    max_left: int = -1
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -100,11 +109,23 @@ class SlidingWindow:
                 f"linear decay intervals need 1 <= interval_min <= interval_max, "
                 f"got interval_min={self.interval_min}, interval_max={self.interval_max}"
             )
+        if not 0 <= self.min_left <= self.highest_left:
+            raise ValueError(
+                f"min_left={self.min_left} must be in [0, {self.highest_left}] (max_left, or the last left edge "
+                f"that still holds a trainable step: num_steps - 3 = {self.num_steps - 3})"
+            )
+        if not -1 <= self.max_left <= self.num_steps - 3:
+            raise ValueError(f"max_left={self.max_left} must be in [0, num_steps - 3 = {self.num_steps - 3}] or -1 (no bound)")
 
     @property
     def last_trainable(self) -> int:
         """``T - 2``: the window never reaches this transition index."""
         return self.num_steps - 2
+
+    @property
+    def highest_left(self) -> int:
+        """The highest left edge allowed: ``max_left``, or ``T - 3`` (the last one holding a trainable step)."""
+        return self.num_steps - 3 if self.max_left < 0 else self.max_left
 
     def interval(self, left: int) -> int:
         """Iterations the window stays at left edge ``left`` (the moving strategies)."""
@@ -117,22 +138,22 @@ class SlidingWindow:
     def _left_edges(self) -> list[int]:
         """The left edges in visiting order: one period (roll back) or up to the clamp."""
         if self.stride == 0:
-            return [0]
+            return [self.min_left]
         if self.roll_back:
-            return list(range(0, self.last_trainable, self.stride))
-        clamp = min(self.num_steps - self.size, self.last_trainable - 1)
-        return [*range(0, clamp, self.stride), clamp]
+            return list(range(self.min_left, self.highest_left + 1, self.stride))
+        clamp = min(self.num_steps - self.size, self.highest_left)
+        return [*range(self.min_left, clamp, self.stride), clamp]
 
     def left_edge(self, iteration: int) -> int:
         """``l`` at 0-based ``iteration``: walks the per-edge intervals (no stored state)."""
         if iteration < 0:
             raise ValueError(f"iteration={iteration} must be >= 0 (iterations are counted from 0)")
         if self.strategy == "frozen":
-            return 0
+            return self.min_left
         if self.strategy == "random":
             # str seeds are hashed with SHA-512 by random.Random: stable across runs and platforms.
             rng = random.Random(f"mixgrpo.window:{self.seed}:{iteration}")
-            return rng.randint(0, self.last_trainable - self.size)
+            return rng.randint(self.min_left, max(self.min_left, min(self.highest_left, self.last_trainable - self.size)))
         edges = self._left_edges()
         periodic = self.roll_back and len(edges) > 1
         remaining = iteration % sum(map(self.interval, edges)) if periodic else iteration
