@@ -285,10 +285,10 @@ def test_run_local_trains_exactly_the_toy_preset() -> None:
     toy = flat_config(load_config("toy"))
     assert {k: v for k, v in cfg.items() if k not in STEP_OWNED_KEYS} == {
         k: v for k, v in toy.items() if k not in STEP_OWNED_KEYS}
-    assert toy["max_iterations"] != load_config().max_iterations and arguments["iterations"] == toy["max_iterations"]
+    assert toy["optim.lr"] != load_config().optim.lr and arguments["learning_rate"] == toy["optim.lr"]
     assert preset_parameters("toy", {"iterations": 3, "extra_overrides": "window.size=2"})["iterations"] == 3  # --param wins
     assert preset_parameters("toy", {"extra_overrides": "window.size=2"})["extra_overrides"].endswith("window.size=2")
-    assert f"iterations={toy['max_iterations']}" in describe_preset("toy") and "toy.yaml" in describe_preset("toy")
+    assert f"learning_rate={toy['optim.lr']}" in describe_preset("toy") and "toy.yaml" in describe_preset("toy")
     # The evaluate step samples as many seeds per held-out prompt as the trainer's held-out evaluation.
     assert toy["eval_images_per_prompt"] != load_config().eval_images_per_prompt
     assert arguments["eval_images_per_prompt"] == toy["eval_images_per_prompt"]
