@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mixgrpo.provenance import resolve_git_sha
+from mixgrpo.selection import VALIDATION_COUNT
 
 log = logging.getLogger(__name__)
 
@@ -322,16 +323,25 @@ def _local_model(cfg: Any, workdir: Path) -> None:
         cfg.model.path = str(local)
 
 
-def _stage_prompts(prompts_uri: str, directory: Path) -> tuple[Path, Path]:
+def _stage_prompts(prompts_uri: str, directory: Path, validation_count: int = 0, seed: int = 0) -> None:
+    """train.txt and test.txt of the prepared prompts in ``directory``; with ``validation_count`` > 0 also
+    validation.txt: that many training prompts (a seeded draw), taken out of train.txt, for checkpoint selection."""
+    import random
+
     from mixgrpo.data import load_prepared_prompts
 
     directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split in ("train", "test"):
-        path = directory / f"{split}.txt"
-        path.write_text("\n".join(load_prepared_prompts(prompts_uri, split)) + "\n", encoding="utf-8")
-        paths.append(path)
-    return paths[0], paths[1]
+    train, test = (load_prepared_prompts(prompts_uri, split) for split in ("train", "test"))
+    splits = {"train": train, "test": test}
+    if validation_count:
+        if validation_count >= len(train):
+            raise StepError(f"select_best needs {validation_count} validation prompts out of the {len(train)} training "
+                            "prompts; prepare more prompts (min_prompts) or turn select_best off")
+        validation = set(random.Random(seed).sample(range(len(train)), validation_count))
+        splits = {"train": [p for i, p in enumerate(train) if i not in validation],
+                  "validation": [p for i, p in enumerate(train) if i in validation], "test": test}
+    for split, prompts in splits.items():
+        (directory / f"{split}.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -395,12 +405,13 @@ def train_step(overrides: Mapping[str, Any], prompts_uri: str, layout: RunLayout
         cfg.mlflow_tracking_uri = registry_settings(tracking_uri, "").tracking_uri
         cfg.mlflow_experiment, cfg.mlflow_run_id = experiment, run_id
     job = workdir / "train-job"
-    _stage_prompts(prompts_uri, job)
+    _stage_prompts(prompts_uri, job, VALIDATION_COUNT if cfg.select_best else 0, cfg.seed)
     if cfg.model.kind == "flux" and _stage_embeddings(prompts_uri, job):
         cfg.model.embedding_cache_dir = "embeddings"  # relative to the job directory, like the prompts
     if executor == "local":
         _local_model(cfg, workdir)
     cfg.prompts, cfg.eval_prompts = "train.txt", "test.txt"  # relative to the job directory on every node
+    cfg.validation_prompts = "validation.txt" if cfg.select_best else ""  # carved out of train.txt: never trained on
     cfg.output_dir = "output"
     (job / "config.yaml").write_text(config_to_yaml(cfg))
     if executor == "kubernetes":
@@ -414,7 +425,8 @@ def train_step(overrides: Mapping[str, Any], prompts_uri: str, layout: RunLayout
 
 
 def run_train_job(job_dir: str | Path, procs: int = 1, metrics_uri: str = "", engine: str | None = None) -> int:
-    """Train from a job directory (config.yaml, train.txt, test.txt); publish metrics to ``metrics_uri``.
+    """Train from a job directory (config.yaml, train.txt, test.txt, validation.txt with select_best); publish
+    metrics to ``metrics_uri``.
 
     One process: :func:`mixgrpo.train.train` here. Several: ``torchrun`` (``mixgrpo launch``), which
     also reads the Kubeflow Trainer's PET_* variables on a TrainJob node. Always resumes from the

@@ -387,6 +387,26 @@ def _fake_run(tmp_path: Path, run: str, value: float) -> dict:
                 config_hash="c0ffee", dataset_hash="d474")
 
 
+def test_train_step_selects_on_validation_prompts_carved_out_of_training(tmp_path: Path, tiny_model_uri: str) -> None:
+    """select_best scores prompts the trainer never trains on: validation.txt is drawn from the prepared training
+    prompts and removed from train.txt (before, 11 of the toy validation split's 12 prompts were training prompts)."""
+    from mixgrpo.config import load_config
+    from mixgrpo.data import load_prepared_prompts
+    from mixgrpo.selection import VALIDATION_COUNT
+
+    layout = steps.RunLayout((tmp_path / "store").as_uri(), "run-9")
+    prepared = steps.prepare_step("", layout.prompts, tmp_path / "report", test_fraction=0.2)
+    steps.train_step(tiny_overrides(tiny_model_uri, select_best=True), prepared.uri, layout, tmp_path / "work")
+    job = tmp_path / "work" / "train-job"
+    train, validation, test = ((job / f"{s}.txt").read_text().split("\n")[:-1] for s in ("train", "validation", "test"))
+    assert len(validation) == VALIDATION_COUNT and not set(validation) & set(train) and not set(validation) & set(test)
+    assert sorted(train + validation) == sorted(load_prepared_prompts(prepared.uri, "train"))
+    assert load_config(job / "config.yaml").validation_prompts == "validation.txt"
+    plain = tmp_path / "plain"
+    steps._stage_prompts(prepared.uri, plain)  # without select_best: the prepared splits as they are
+    assert not (plain / "validation.txt").exists() and (plain / "train.txt").read_text().count("\n") == 72
+
+
 def test_register_gate_promote_on_the_embedded_store(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = dict(tracking_uri=uri, model_name="pipeline-test")

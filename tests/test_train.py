@@ -282,3 +282,14 @@ def test_window_bounds_reach_the_trainer(tiny_model_dir, tmp_path):
     train(cfg)
     starts = [r["window_start"] for r in read_metrics(tmp_path / "run") if "window_start" in r]
     assert starts == [2, 3, 2, 3, 2]
+
+
+def test_validation_prompts_that_are_also_training_prompts_are_refused(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "train.txt"
+    prompts.write_text("a red circle on a blue background\na green square on a black background\n")
+    validation = tmp_path / "validation.txt"
+    validation.write_text("a green square on a black background\na white triangle on a red background\n")
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", select_best=True, prompts=str(prompts),
+                      validation_prompts=str(validation))
+    with pytest.raises(ValueError, match=r"1 of the 2 validation prompts .*validation\.txt.* are also training prompts"):
+        train(cfg)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 DIVERSITY_KEY = "heldout_diversity"
+VALIDATION_COUNT = 12  # prompts set aside from the training prompts for checkpoint selection and learning-rate sweeps
 
 
 def combined_reward(evaluation: dict[str, float], optimised: list[str]) -> float:

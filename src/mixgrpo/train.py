@@ -473,12 +473,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, device: str | None = None,
         distributed.teardown(world)
 
 
+def check_validation_is_held_out(validation: list[str], train: list[str], source: str) -> None:
+    """Checkpoint selection must score prompts the trainer never trains on: raise if any validation prompt is
+    also a training prompt (selection would then prefer weights that fit the training prompts)."""
+    shared = sorted(set(validation) & set(train))
+    if shared:
+        raise ValueError(f"{len(shared)} of the {len(set(validation))} validation prompts ({source}) are also training "
+                         f"prompts, e.g. {shared[0]!r}: select_best must score prompts the trainer never trains on; "
+                         "remove them from the training prompts or pass other validation_prompts")
+
+
 def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require_checkpoint: bool = False) -> TrainResult:
     dev, main = world.device, world.is_main
     torch.manual_seed(cfg.seed)
     train_prompts = load_prompts(cfg.prompts, "train")  # a bad prompt file fails before any model loads
     eval_prompts = load_prompts(cfg.eval_prompts, "test")
     validation_prompts = load_prompts(cfg.validation_prompts, "validation") if cfg.select_best else []
+    check_validation_is_held_out(validation_prompts, train_prompts, cfg.validation_prompts or "the toy validation split")
     output_dir = Path(cfg.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)

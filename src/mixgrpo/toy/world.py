@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mixgrpo.selection import VALIDATION_COUNT
+
 IMAGE_SIZE = 32
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0),
@@ -109,7 +111,6 @@ def train_test_split(test_fraction: float = 0.22, seed: int = 0) -> tuple[list[s
     raise RuntimeError(f"no split with test_fraction={test_fraction} keeps every word in training; lower it")
 
 
-VALIDATION_COUNT = 12  # training-split prompts set aside for checkpoint selection and learning-rate sweeps
 
 
 def train_validation_test_split(validation_count: int = VALIDATION_COUNT, seed: int = 0) -> tuple[list[str], list[str], list[str]]:
