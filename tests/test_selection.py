@@ -35,6 +35,7 @@ def test_picks_the_best_qualifying_evaluation_on_a_synthetic_curve():
     assert news == [True, True, True, False, False, False]
     assert tracker.best_iteration == 20 and tracker.best_score == pytest.approx(0.68)
     assert [h["qualifies"] for h in tracker.history] == [True, True, True, False, False, True]
+    assert [h["measures"] for h in tracker.history] == [ev for _, ev in curve]  # logged: what the guards saw
 
 
 def test_the_base_wins_when_every_evaluation_hacks():

@@ -59,7 +59,8 @@ class BestTracker:
         failed = failed_guards(evaluation, self.base, self.held_out, self.min_diversity, self.tolerance)
         score = combined_reward(evaluation, self.optimised)
         is_best = not failed and score > self.best_score
-        self.history.append({"iteration": iteration, "combined": score, "qualifies": not failed, "failed": failed})
+        self.history.append({"iteration": iteration, "combined": score, "qualifies": not failed, "failed": failed,
+                             "measures": dict(evaluation)})
         if is_best:
             self.best_iteration, self.best_score, self.since_best = iteration, score, 0
         elif self.history[:-1]:  # the base evaluation does not count against the patience
