@@ -177,7 +177,6 @@ def test_steps_is_a_pure_function_of_the_iteration(strategy):
         ({"num_steps": 2, "size": 1}, "num_steps=2"),
         ({"interval_min": 0}, "interval_min=0"),
         ({"interval_max": 1, "interval_min": 2}, "interval_max=1"),
-        ({"max_left": 23}, "max_left=23"),
         ({"max_left": -2}, "max_left=-2"),
         ({"min_left": 5, "max_left": 4}, "min_left=5"),
         ({"min_left": 23}, "min_left=23"),
@@ -195,8 +194,9 @@ def test_bounded_left_edges_cycle_between_min_and_max_left():
     # max_left alone: from 0 to 11, then back to 0 (the paper's range would go on to 22)
     upper = SlidingWindow(shift_interval=10, max_left=11)
     assert [upper.left_edge(m) for m in range(0, 260, 10)] == [*range(12), *range(12), 0, 1]
-    # the defaults are the paper's / reference's range
+    # the defaults are the paper's / reference's range; a bound beyond it (a preset's, with fewer steps) is that range
     assert SlidingWindow(max_left=22).schedule(ITERATIONS) == SlidingWindow().schedule(ITERATIONS)
+    assert SlidingWindow(num_steps=6, max_left=11).schedule(40) == SlidingWindow(num_steps=6).schedule(40)
 
 
 def test_bounded_left_edges_for_the_other_strategies():

@@ -115,7 +115,8 @@ class WindowConfig:
     min_left: int = 0
     """Lowest left edge the window takes (frozen: where it stays). Not in the paper; 0 = from the first step."""
     max_left: int = -1
-    """Highest left edge before the window rolls back to ``min_left``; -1 = num_steps - 3 (the paper's range)."""
+    """Highest left edge before the window rolls back to ``min_left`` (at most num_steps - 3); -1 = num_steps - 3
+    (the paper's range)."""
     train_fraction: float = 1.0
     """For strategy "all": fraction of the T-1 transitions trained per micro-batch (DanceGRPO 0.6)."""
 
@@ -528,10 +529,9 @@ def value_range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (w.stride >= 0, f"window.stride={w.stride} must be >= 0 (0 keeps the window at the first step)"),
         (w.interval_min >= 1, f"window.interval_min={w.interval_min} must be >= 1 iteration"),
         (w.interval_max >= w.interval_min, f"window.interval_max={w.interval_max} must be >= window.interval_min={w.interval_min}"),
-        (-1 <= w.max_left <= s.num_steps - 3, f"window.max_left={w.max_left} must be in [0, sampling.num_steps - 3 = "
-                                               f"{s.num_steps - 3}] or -1 (no bound)"),
-        (0 <= w.min_left <= (s.num_steps - 3 if w.max_left < 0 else w.max_left),
-         f"window.min_left={w.min_left} must be in [0, window.max_left] (or [0, num_steps - 3] without max_left)"),
+        (w.max_left >= -1, f"window.max_left={w.max_left} must be >= 0, or -1 (no bound)"),
+        (0 <= w.min_left <= (s.num_steps - 3 if w.max_left < 0 else min(w.max_left, s.num_steps - 3)),
+         f"window.min_left={w.min_left} must be in [0, min(window.max_left, sampling.num_steps - 3)]"),
         (r.advantage_clip > 0, f"rewards.advantage_clip={r.advantage_clip} must be > 0 (advantages are clamped to +-clip)"),
         (all(v >= 0 for v in r.weights.values()) and (not r.weights or sum(r.weights.values()) > 0),
          f"rewards.weights={r.weights}: weights must be >= 0 and not all 0"),

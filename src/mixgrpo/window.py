@@ -74,8 +74,8 @@ class SlidingWindow:
             of clamping at the paper's ``T - w``. See the module docstring.
         seed: seed of the "random" strategy.
         interval_max, interval_min: the "linear_decay" interval at ``l = 0`` and ``l = T - 2``.
-        min_left, max_left: the lowest and highest left edge the window takes (``max_left`` -1 = no bound
-            but the last trainable step); see the module docstring.
+        min_left, max_left: the lowest and highest left edge the window takes (``max_left`` -1, or anything
+            above ``T - 3``, = up to the last trainable step); see the module docstring.
     """
 
     num_steps: int = 25
@@ -114,8 +114,8 @@ class SlidingWindow:
                 f"min_left={self.min_left} must be in [0, {self.highest_left}] (max_left, or the last left edge "
                 f"that still holds a trainable step: num_steps - 3 = {self.num_steps - 3})"
             )
-        if not -1 <= self.max_left <= self.num_steps - 3:
-            raise ValueError(f"max_left={self.max_left} must be in [0, num_steps - 3 = {self.num_steps - 3}] or -1 (no bound)")
+        if self.max_left < -1:
+            raise ValueError(f"max_left={self.max_left} must be >= 0, or -1 (no bound)")
 
     @property
     def last_trainable(self) -> int:
@@ -124,8 +124,8 @@ class SlidingWindow:
 
     @property
     def highest_left(self) -> int:
-        """The highest left edge allowed: ``max_left``, or ``T - 3`` (the last one holding a trainable step)."""
-        return self.num_steps - 3 if self.max_left < 0 else self.max_left
+        """The highest left edge allowed: ``max_left``, at most ``T - 3`` (the last one holding a trainable step)."""
+        return self.num_steps - 3 if self.max_left < 0 else min(self.max_left, self.num_steps - 3)
 
     def interval(self, left: int) -> int:
         """Iterations the window stays at left edge ``left`` (the moving strategies)."""
