@@ -179,7 +179,7 @@ def test_steps_is_a_pure_function_of_the_iteration(strategy):
         ({"interval_max": 1, "interval_min": 2}, "interval_max=1"),
         ({"max_left": -2}, "max_left=-2"),
         ({"min_left": 5, "max_left": 4}, "min_left=5"),
-        ({"min_left": 23}, "min_left=23"),
+        ({"min_left": -1}, "min_left=-1"),
     ],
 )
 def test_bad_settings_are_rejected(kwargs, message):
@@ -197,6 +197,8 @@ def test_bounded_left_edges_cycle_between_min_and_max_left():
     # the defaults are the paper's / reference's range; a bound beyond it (a preset's, with fewer steps) is that range
     assert SlidingWindow(max_left=22).schedule(ITERATIONS) == SlidingWindow().schedule(ITERATIONS)
     assert SlidingWindow(num_steps=6, max_left=11).schedule(40) == SlidingWindow(num_steps=6).schedule(40)
+    # the toy preset's 4..11 on a 6-step schedule: both bounds clamp to the last trainable edge, 3
+    assert {SlidingWindow(num_steps=6, size=2, min_left=4, max_left=11).left_edge(m) for m in range(100)} == {3}
 
 
 def test_bounded_left_edges_for_the_other_strategies():

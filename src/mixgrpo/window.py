@@ -75,7 +75,7 @@ class SlidingWindow:
         seed: seed of the "random" strategy.
         interval_max, interval_min: the "linear_decay" interval at ``l = 0`` and ``l = T - 2``.
         min_left, max_left: the lowest and highest left edge the window takes (``max_left`` -1, or anything
-            above ``T - 3``, = up to the last trainable step); see the module docstring.
+            above ``T - 3``, = up to the last trainable step; both clamp to ``T - 3``); see the module docstring.
     """
 
     num_steps: int = 25
@@ -109,11 +109,8 @@ class SlidingWindow:
                 f"linear decay intervals need 1 <= interval_min <= interval_max, "
                 f"got interval_min={self.interval_min}, interval_max={self.interval_max}"
             )
-        if not 0 <= self.min_left <= self.highest_left:
-            raise ValueError(
-                f"min_left={self.min_left} must be in [0, {self.highest_left}] (max_left, or the last left edge "
-                f"that still holds a trainable step: num_steps - 3 = {self.num_steps - 3})"
-            )
+        if self.min_left < 0 or (self.max_left >= 0 and self.min_left > self.max_left):
+            raise ValueError(f"min_left={self.min_left} must be in [0, max_left={self.max_left}] (max_left -1: >= 0)")
         if self.max_left < -1:
             raise ValueError(f"max_left={self.max_left} must be >= 0, or -1 (no bound)")
 
@@ -127,6 +124,11 @@ class SlidingWindow:
         """The highest left edge allowed: ``max_left``, at most ``T - 3`` (the last one holding a trainable step)."""
         return self.num_steps - 3 if self.max_left < 0 else min(self.max_left, self.num_steps - 3)
 
+    @property
+    def lowest_left(self) -> int:
+        """The lowest left edge: ``min_left``, at most :attr:`highest_left` (a preset's bounds with fewer steps)."""
+        return min(self.min_left, self.highest_left)
+
     def interval(self, left: int) -> int:
         """Iterations the window stays at left edge ``left`` (the moving strategies)."""
         if self.strategy == "linear_decay":
@@ -138,22 +140,23 @@ class SlidingWindow:
     def _left_edges(self) -> list[int]:
         """The left edges in visiting order: one period (roll back) or up to the clamp."""
         if self.stride == 0:
-            return [self.min_left]
+            return [self.lowest_left]
         if self.roll_back:
-            return list(range(self.min_left, self.highest_left + 1, self.stride))
-        clamp = min(self.num_steps - self.size, self.highest_left)
-        return [*range(self.min_left, clamp, self.stride), clamp]
+            return list(range(self.lowest_left, self.highest_left + 1, self.stride))
+        clamp = max(self.lowest_left, min(self.num_steps - self.size, self.highest_left))
+        return [*range(self.lowest_left, clamp, self.stride), clamp]
 
     def left_edge(self, iteration: int) -> int:
         """``l`` at 0-based ``iteration``: walks the per-edge intervals (no stored state)."""
         if iteration < 0:
             raise ValueError(f"iteration={iteration} must be >= 0 (iterations are counted from 0)")
         if self.strategy == "frozen":
-            return self.min_left
+            return self.lowest_left
         if self.strategy == "random":
             # str seeds are hashed with SHA-512 by random.Random: stable across runs and platforms.
             rng = random.Random(f"mixgrpo.window:{self.seed}:{iteration}")
-            return rng.randint(self.min_left, max(self.min_left, min(self.highest_left, self.last_trainable - self.size)))
+            low = self.lowest_left
+            return rng.randint(low, max(low, min(self.highest_left, self.last_trainable - self.size)))
         edges = self._left_edges()
         periodic = self.roll_back and len(edges) > 1
         remaining = iteration % sum(map(self.interval, edges)) if periodic else iteration
