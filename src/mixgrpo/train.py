@@ -299,7 +299,7 @@ def update_phase(policy: FlowModel, optimizer: torch.optim.Optimizer, batch: Rol
     anchored = reference is not None and o.anchor_coeff > 0
     # The evaluation's (and MixGRPO's) schedule, not Flash's compressed one after the window: the anchor holds the
     # last steps the tuned model is sampled with.
-    anchor_sigmas = flow_sigmas(s.num_steps, s.shift)
+    anchor_sigmas = flow_sigmas(s.num_steps, s.shift) if anchored else None
     for start in range(0, len(batches), o.gradient_accumulation_steps):
         group = batches[start:start + o.gradient_accumulation_steps]
         steps_per_mb = [trained_steps(cfg, window, generator, len(rows)) for rows, generator in group]
