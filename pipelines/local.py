@@ -156,16 +156,25 @@ class StepConsole:
                 self.summary = text
 
 
+TOY_PROCESSES = 2
+"""Training processes of the shipped ``toy`` preset's local run (DDP over gloo, one per core of the 2-core reference
+machine). Each trains the preset's ``prompts_per_iteration``: an iteration is 2 x 4 prompts, as
+``mixgrpo launch --nproc-per-node 2 -- train --config toy`` trains."""
+
+
 def preset_parameters(preset: str | None, params: dict[str, Any]) -> dict[str, Any]:
     """The pipeline arguments of a training ``preset`` (e.g. ``toy``; None = none) under ``params``, which win.
 
-    The preset's ``extra_overrides`` lines come before those of ``params`` (later lines win).
+    The preset's ``extra_overrides`` lines come before those of ``params`` (later lines win). The ``toy``
+    preset trains on :data:`TOY_PROCESSES` processes.
     """
     from mixgrpo_pipelines.pipelines.parameters import preset_arguments
 
     if not preset:
         return dict(params)
     arguments, extra = preset_arguments(preset)
+    if preset == "toy":
+        arguments["gpus_per_node"] = TOY_PROCESSES
     lines = [*extra, *(line for line in str(params.get("extra_overrides", "")).splitlines() if line.strip())]
     return {**arguments, **params, **({"extra_overrides": "\n".join(lines)} if lines else {})}
 

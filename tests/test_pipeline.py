@@ -276,7 +276,7 @@ def test_train_overrides_set_each_mapped_key_and_leave_preset_keys_at_default_to
 def test_run_local_trains_exactly_the_toy_preset() -> None:
     """The arguments run-local derives from presets/toy.yaml give the train step the preset's config."""
     from mixgrpo.config import flat_config, load_config
-    from mixgrpo_pipelines.pipelines.local import describe_preset, preset_parameters
+    from mixgrpo_pipelines.pipelines.local import TOY_PROCESSES, describe_preset, preset_parameters
     from mixgrpo_pipelines.pipelines.parameters import STEP_OWNED_KEYS, TRAINING_PARAMETERS
 
     arguments = preset_parameters("toy", {})
@@ -286,6 +286,7 @@ def test_run_local_trains_exactly_the_toy_preset() -> None:
     assert {k: v for k, v in cfg.items() if k not in STEP_OWNED_KEYS} == {
         k: v for k, v in toy.items() if k not in STEP_OWNED_KEYS}
     assert toy["optim.lr"] != load_config().optim.lr and arguments["learning_rate"] == toy["optim.lr"]
+    assert arguments["gpus_per_node"] == TOY_PROCESSES and preset_parameters("toy", {"gpus_per_node": 1})["gpus_per_node"] == 1
     assert preset_parameters("toy", {"iterations": 3, "extra_overrides": "window.size=2"})["iterations"] == 3  # --param wins
     assert preset_parameters("toy", {"extra_overrides": "window.size=2"})["extra_overrides"].endswith("window.size=2")
     assert f"learning_rate={toy['optim.lr']}" in describe_preset("toy") and "toy.yaml" in describe_preset("toy")

@@ -42,7 +42,8 @@ def test_local_pipeline_against_real_s3_and_mlflow(s3_server: S3Endpoint, mlflow
                   eval_max_prompts=2, extra_overrides="sampling.num_steps=6\nwindow.size=2",
                   mlflow_model_name=model_name)
 
-    first = run_local(store, mlflow_server.uri, local_dir=tmp_path / "local", **params)
+    first = run_local(store, mlflow_server.uri, local_dir=tmp_path / "local", gpus_per_node=2,  # make run's DDP + EMA
+                      **{**params, "extra_overrides": params["extra_overrides"] + "\noptim.ema_decay=0.5"})
     print(summary(first))
 
     # the weights are really in the bucket, under the run's prefix, complete (manifest last)
@@ -67,6 +68,8 @@ def test_local_pipeline_against_real_s3_and_mlflow(s3_server: S3Endpoint, mlflow
     # the training logged into the same run while it ran: one point per iteration, the config as params
     assert [m.step for m in client.get_metric_history(v1.run_id, "train/reward/toy_object_color")] == [1]
     assert client.get_run(v1.run_id).data.params["max_iterations"] == "1"
+    assert client.get_run(v1.run_id).data.params["distributed/engine"] == "ddp"   # two processes trained it
+    assert client.get_run(v1.run_id).data.params["optim/ema_decay"] == "0.5"
     assert (first.report_dir / "grid.png").is_file() and "base" in (first.report_dir / "report.md").read_text()
 
     # a second run that cannot beat the champion by the margin: registered, challenger, champion unmoved

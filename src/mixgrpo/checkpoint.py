@@ -1,7 +1,8 @@
 """Checkpoints of a training run: ``OUTPUT_DIR/checkpoints/checkpoint-{iteration:06d}/``.
 
 A checkpoint holds the weights (``model.safetensors``), the optimiser state and the RNG state
-(``optimizer.pt``, ``rng.pt``: tensors and plain containers, loaded with ``weights_only=True``),
+(``optimizer.pt``, ``rng.pt``: tensors and plain containers, loaded with ``weights_only=True``; with
+``optim.ema_decay`` the average in ``ema.safetensors``),
 the resolved ``config.yaml`` and ``trainer_state.json``. It is sealed with the object store's
 ``MANIFEST.json`` (:func:`mixgrpo.storage.seal_local_dir`: sizes, sha256, ``metadata.iteration``),
 written last and then renamed into place, so a directory with a manifest is complete, a local
@@ -22,6 +23,7 @@ from mixgrpo.storage import MANIFEST_NAME
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
+EMA_FILE = "ema.safetensors"
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -43,11 +45,12 @@ def _seal(tmp: Path, final: Path, iteration: int) -> None:
 
 
 def save_checkpoint(output_dir: Path, iteration: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
-                    cfg: TrainConfig) -> Path:
+                    cfg: TrainConfig, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoints/checkpoint-{iteration}`` atomically (rank 0): files, manifest last, then rename.
 
     ``iteration`` is the number of completed iterations (the next one to run); the states are
-    full (consolidated) state dicts keyed by parameter name. With ``checkpoint_uri`` the directory
+    full (consolidated) state dicts keyed by parameter name; ``ema_state`` (``optim.ema_decay``) goes to
+    ``ema.safetensors``. With ``checkpoint_uri`` the directory
     is then published there (manifest last, so a half upload is never picked up).
     """
     root = output_dir / "checkpoints"
@@ -57,6 +60,8 @@ def save_checkpoint(output_dir: Path, iteration: int, model_state: dict[str, tor
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
     torch.save(optimizer_state, tmp / "optimizer.pt")
+    if ema_state is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / EMA_FILE)
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "config.yaml").write_text(config_to_yaml(cfg))
     (tmp / "trainer_state.json").write_text(json.dumps({"iteration": iteration}))
@@ -113,6 +118,12 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
                               "delete it to resume from the previous one") from None
     torch.set_rng_state(load_tensor_file(path / "rng.pt")["torch"])
     return iteration, load_file(path / "model.safetensors"), load_tensor_file(path / "optimizer.pt")
+
+
+def load_ema_state(path: Path) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's EMA average (``optim.ema_decay``), or None when it was written without one. Verified
+    with the rest of the checkpoint by ``load_checkpoint``."""
+    return load_file(path / EMA_FILE) if (path / EMA_FILE).is_file() else None
 
 
 def load_tensor_file(file: Path) -> dict:

@@ -173,6 +173,10 @@ class OptimConfig:
     anchor_steps: int = 0
     """The anchor's states come from the last ``anchor_steps`` steps of the schedule that are after the window
     (0 = every step after the window). Anchoring every later step also holds back the steps the window reaches later."""
+    ema_decay: float = 0.0
+    """Average the trained weights, ``ema <- d * ema + (1 - d) * theta`` after every iteration's update
+    (``mixgrpo.ema``; Flow-GRPO evaluates such an EMA): the evaluations, the best-checkpoint selection and the final
+    weights use the average, the rollouts the live weights. 0 = off (as in MixGRPO). engine none or ddp only."""
 
 
 @dataclass
@@ -521,6 +525,9 @@ def value_range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (o.eps > 0, f"optim.eps={o.eps} must be > 0"),
         (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0"),
         (o.kl_coeff >= 0, f"optim.kl_coeff={o.kl_coeff} must be >= 0"),
+        (0 <= o.ema_decay < 1, f"optim.ema_decay={o.ema_decay} must be in [0, 1) (0 = off; 0.9 averages ~10 iterations)"),
+        (o.ema_decay == 0 or cfg.distributed.engine in ("none", "ddp"),
+         f"optim.ema_decay needs replicated weights: distributed.engine none or ddp, not {cfg.distributed.engine}"),
         (o.clip_range < 1, f"optim.clip_range={o.clip_range} must be < 1 (ratios are clipped to [1-eps, 1+eps])"),
         (cfg.eval_images_per_prompt >= 1, f"eval_images_per_prompt={cfg.eval_images_per_prompt} must be >= 1"),
         (cfg.eval_every >= 0, f"eval_every={cfg.eval_every} must be >= 0 (0 = only at the end)"),

@@ -27,10 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixgrpo import distributed
-from mixgrpo.checkpoint import (CHECKPOINT_PREFIX, checkpoint_dirs, latest_checkpoint, load_checkpoint, no_checkpoint,
-                                save_checkpoint, save_final_weights)
+from mixgrpo.checkpoint import (CHECKPOINT_PREFIX, checkpoint_dirs, latest_checkpoint, load_checkpoint, load_ema_state,
+                                no_checkpoint, save_checkpoint, save_final_weights)
 from mixgrpo.config import TrainConfig, config_to_yaml
 from mixgrpo.distributed import Shard, World
+from mixgrpo.ema import WeightEMA, maybe_applied
 from mixgrpo.grpo import policy_loss, reference_anchor, reference_kl
 from mixgrpo.models.base import Conditioning, FlowModel, index_conditioning, repeat_conditioning
 from mixgrpo.policies import build_policy, build_reference, build_rewards
@@ -501,6 +502,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
     policy.module, optimizer = distributed.prepare(raw_module, world, cfg, lambda params: torch.optim.AdamW(
         params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay))
     # from here on the adapter's forward (``self.module(...)``) goes through the engine
+    ema = WeightEMA(raw_module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     scorer = main or cfg.distributed.reward_ranks == "all"      # "rank0": reward models live on rank 0 only
     rewards = build_rewards(cfg, cfg.rewards.names, dev) if scorer else {}
     held_out_names = [n for n in cfg.rewards.held_out if n not in cfg.rewards.names]
@@ -521,6 +523,8 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
         start_iteration, model_state, optimizer_state = load_checkpoint(checkpoint) if main else (0, {}, {})
         distributed.load_full_states(world, policy.module, optimizer, model_state, optimizer_state)
         start_iteration = distributed.broadcast_object(world, start_iteration)
+        if ema is not None:
+            resume_ema(ema, raw_module, checkpoint, world)
         if main:
             print(f"resumed from {checkpoint} at iteration {start_iteration}")
             truncate_metrics(output_dir / "metrics.jsonl", start_iteration)
@@ -529,12 +533,14 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
     bar = cfg.progress_bar and main and sys.stderr.isatty()  # tqdm on a terminal; progress lines elsewhere
     log = MetricsLog(output_dir / "metrics.jsonl", cfg, start_iteration, progress=not bar) if main else None
 
-    held_out_before = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
+    with maybe_applied(ema, raw_module):
+        held_out_before = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
     best_dir = output_dir / "best"
     if cfg.select_best and start_iteration > 0 and (best_dir / "best.json").is_file():
         tracker = BestTracker.from_state(json.loads((best_dir / "best.json").read_text()))
     elif cfg.select_best:
-        select_if_best(tracker, 0, policy, all_rewards, validation_prompts, cfg, world, optimizer, best_dir)
+        with maybe_applied(ema, raw_module):
+            select_if_best(tracker, 0, policy, all_rewards, validation_prompts, cfg, world, optimizer, best_dir)
     if start_iteration == 0 and log:
         log.log({"iteration": 0, "held_out": held_out_before,
                  **({"validation": tracker.history[-1]} if cfg.select_best and tracker.history else {})})
@@ -557,6 +563,8 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
         failure_guard.check(iteration + 1, adv_stats.num_failed, len(batch.prompts) * world.world_size)
         t2 = time.perf_counter()
         update = update_phase(policy, optimizer, batch, advantages, cfg, iteration, world.rank, dev, timer, shard, reference)
+        if ema is not None:
+            ema.update(raw_module)
         t3, cpu3 = time.perf_counter(), time.process_time()
 
         all_group_ids = distributed.all_gather_rows(world, batch.group_ids)  # the scores are the whole global batch's
@@ -576,15 +584,16 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
                         **{f"model_{name}": value for name, value in timer.seconds.items()}},
         }
         done = iteration + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_iterations:
-            record["held_out"] = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
-        if cfg.select_best and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_iterations):
-            select_if_best(tracker, done, policy, all_rewards, validation_prompts, cfg, world, optimizer, best_dir)
-            record["validation"] = tracker.history[-1]
+        with maybe_applied(ema, raw_module):  # every evaluation (and the selected weights) sees the average
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_iterations:
+                record["held_out"] = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
+            if cfg.select_best and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_iterations):
+                select_if_best(tracker, done, policy, all_rewards, validation_prompts, cfg, world, optimizer, best_dir)
+                record["validation"] = tracker.history[-1]
         if log:
             log.log(record)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            checkpoint_all_ranks(world, output_dir, done, policy.module, optimizer, cfg)
+            checkpoint_all_ranks(world, output_dir, done, policy.module, optimizer, cfg, ema)
         if tracker.should_stop:
             if main:
                 print(f"early stop after iteration {done}: {tracker.since_best} validation evaluations without a new best "
@@ -595,7 +604,9 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
     final_iteration = max(cfg.max_iterations, start_iteration)
     last = checkpoint_dirs(output_dir)[-1].name if main and checkpoint_dirs(output_dir) else ""
     if distributed.broadcast_object(world, last != f"{CHECKPOINT_PREFIX}{final_iteration:06d}"):
-        checkpoint_all_ranks(world, output_dir, final_iteration, policy.module, optimizer, cfg)
+        checkpoint_all_ranks(world, output_dir, final_iteration, policy.module, optimizer, cfg, ema)
+    if ema is not None:
+        ema.copy_to(raw_module)  # the final weights are the average (the best evaluation's below, if earlier)
     if cfg.select_best and tracker.best_iteration != final_iteration:
         restore_best(world, policy.module, best_dir)
         if main:
@@ -669,9 +680,23 @@ def restore_best(world: World, module: torch.nn.Module, best_dir: Path) -> None:
 
 
 def checkpoint_all_ranks(world: World, output_dir: Path, iteration: int, module: torch.nn.Module,
-                         optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """Consolidate the states (collective), rank 0 writes the checkpoint, the others wait for it."""
+                         optimizer: torch.optim.Optimizer, cfg: TrainConfig, ema: WeightEMA | None = None) -> None:
+    """Consolidate the states (collective), rank 0 writes the checkpoint (with the EMA's average), the others wait."""
     model_state, optimizer_state = distributed.full_states(module, optimizer)
     if world.is_main:
-        save_checkpoint(output_dir, iteration, model_state, optimizer_state, cfg)
+        save_checkpoint(output_dir, iteration, model_state, optimizer_state, cfg,
+                        ema.state_dict() if ema is not None else None)
     distributed.barrier(world)
+
+
+def resume_ema(ema: WeightEMA, module: torch.nn.Module, checkpoint: Path | None, world: World) -> None:
+    """The checkpoint's average (rank 0 reads it, every rank gets it); a checkpoint without one (written with
+    ``optim.ema_decay`` 0) starts the average at the resumed weights, with a warning."""
+    state = load_ema_state(checkpoint) if world.is_main and checkpoint is not None else None
+    state = distributed.broadcast_object(world, state)
+    if state is None:
+        if world.is_main:
+            print(f"warning: checkpoint {checkpoint} holds no EMA average; it starts at the resumed weights")
+        ema.shadow = WeightEMA(module, ema.decay).shadow
+    else:
+        ema.load_state_dict(state)
