@@ -162,19 +162,23 @@ machine). Each trains the preset's ``prompts_per_iteration``: an iteration is 2 
 ``mixgrpo launch --nproc-per-node 2 -- train --config toy`` trains."""
 
 
+def local_preset_arguments(preset: str) -> tuple[dict[str, Any], list[str]]:
+    """``preset_arguments`` of the preset, with the ``toy`` preset's :data:`TOY_PROCESSES` processes."""
+    from mixgrpo_pipelines.pipelines.parameters import preset_arguments
+
+    arguments, extra = preset_arguments(preset)
+    return ({**arguments, "gpus_per_node": TOY_PROCESSES} if preset == "toy" else arguments), extra
+
+
 def preset_parameters(preset: str | None, params: dict[str, Any]) -> dict[str, Any]:
     """The pipeline arguments of a training ``preset`` (e.g. ``toy``; None = none) under ``params``, which win.
 
     The preset's ``extra_overrides`` lines come before those of ``params`` (later lines win). The ``toy``
     preset trains on :data:`TOY_PROCESSES` processes.
     """
-    from mixgrpo_pipelines.pipelines.parameters import preset_arguments
-
     if not preset:
         return dict(params)
-    arguments, extra = preset_arguments(preset)
-    if preset == "toy":
-        arguments["gpus_per_node"] = TOY_PROCESSES
+    arguments, extra = local_preset_arguments(preset)
     lines = [*extra, *(line for line in str(params.get("extra_overrides", "")).splitlines() if line.strip())]
     return {**arguments, **params, **({"extra_overrides": "\n".join(lines)} if lines else {})}
 
@@ -182,9 +186,8 @@ def preset_parameters(preset: str | None, params: dict[str, Any]) -> dict[str, A
 def describe_preset(preset: str) -> str:
     """One line: the preset's file and the pipeline arguments it sets (what ``mixgrpo run-local`` prints)."""
     from mixgrpo.config import resolve_config_path
-    from mixgrpo_pipelines.pipelines.parameters import preset_arguments
 
-    arguments, extra = preset_arguments(preset)
+    arguments, extra = local_preset_arguments(preset)
     values = [f"{k}={v}" for k, v in arguments.items()] + [f"extra_overrides {line}" for line in extra]
     return f"preset {preset} ({resolve_config_path(preset)}): {', '.join(values) or 'the pipeline defaults'}"
 

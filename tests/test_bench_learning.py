@@ -80,3 +80,15 @@ def test_checks_fail_when_the_baseline_does_not_learn(tmp_path, capsys):
     assert checks["DanceGRPO improves on the base (gain CI above 0)"] is False
     assert checks["Flash* ends within MixGRPO's 95% CI"] is False           # 0.5 is below MixGRPO's [0.585, 0.635]
     assert "  NO  DanceGRPO improves on the base" in output
+
+
+def test_bench_config_keeps_what_its_numbers_were_measured_with(tmp_path: Path):
+    """The toy preset moves with `make run` (window bounds, batch, EMA); the bench's configs must not move with it."""
+    from mixgrpo.bench_learning import BENCH_SETTINGS, TUNED_LR, _config
+    from mixgrpo.config import flat_config
+
+    for mode in ("mixgrpo", "mixgrpo-flash"):
+        cfg = flat_config(_config(mode, 714, TUNED_LR[mode], 100, tmp_path))
+        assert {k: cfg[k] for k in BENCH_SETTINGS} == BENCH_SETTINGS
+        assert (cfg["window.min_left"], cfg["window.max_left"], cfg["window.shift_interval"]) == (0, -1, 20)
+        assert cfg["optim.ema_decay"] == 0.0 and cfg["prompts_per_iteration"] == 4 and cfg["optim.lr"] == TUNED_LR[mode]
