@@ -187,6 +187,49 @@ def test_two_processes_end_with_the_one_process_weights(tiny_model_dir, one_proc
         assert a["rewards"]["toy_object_color"]["mean"] == pytest.approx(b["rewards"]["toy_object_color"]["mean"], abs=1e-6)
 
 
+@pytest.mark.integration
+def test_two_processes_select_stop_and_average_as_one_process(tiny_model_dir, tmp_path):
+    """`make run`'s training under DDP: select_best (a validation evaluation every iteration), early stopping and the
+    weight EMA. Rank 1 used to read the tracker's history, which only rank 0 keeps, and crashed at the first
+    evaluation; and only rank 0 would have stopped or restored the best weights. Same selection, same weights."""
+    extra = {"select_best": True, "eval_every": 1, "early_stop_patience": 1, "optim.ema_decay": 0.5, "max_iterations": 4}
+    one = tmp_path / "one"
+    train(load_config(overrides={**COMMON, **ONE_PROCESS, **extra, "model.path": str(tiny_model_dir), "output_dir": str(one)}))
+    run = launch("ddp", tmp_path / "two", tiny_model_dir, *overrides(extra))
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    finals = [[json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"final"' in line][-1]
+              for run_dir in (one, tmp_path / "two")]
+    assert finals[0]["selected_iteration"] == finals[1]["selected_iteration"]
+    assert finals[0]["iteration"] == finals[1]["iteration"]  # both stopped (or not) at the same evaluation
+    base = load_file(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert_same_weights(final_weights(one), final_weights(tmp_path / "two"), base)
+
+
+FAILING_RANK_WORKER = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    from mixgrpo import distributed
+    from mixgrpo.config import load_config
+    with distributed.joined(load_config(overrides={"distributed.engine": "ddp", "distributed.timeout_s": 300})) as world:
+        if world.rank == 1:
+            raise RuntimeError("rank 1 failed before the collective")
+        dist.all_gather([torch.zeros(1), torch.zeros(1)], torch.zeros(1))  # rank 0 waits for a rank that never comes
+""")
+
+
+@pytest.mark.integration
+def test_a_rank_that_raises_ends_the_job_at_once(tmp_path):
+    """A rank that fails leaves without the teardown barrier the others never reach: the job ends with its error,
+    not after the collective timeout (300 s here; `make run` hung this way on a rank-1 error)."""
+    (tmp_path / "worker.py").write_text(FAILING_RANK_WORKER)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(tmp_path / "worker.py")], capture_output=True, text=True, timeout=280,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "rank 1 failed before the collective" in done.stderr
+    assert time.monotonic() - started < 120
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_killed_rank_fails_the_job_fast_and_resume_completes_it(tiny_model_dir, one_process_run, tmp_path):

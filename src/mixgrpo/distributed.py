@@ -76,11 +76,26 @@ def setup(cfg: TrainConfig, device: str | None = None) -> World:
     return World(rank, world_size, local_rank, dev, cfg.distributed.engine)
 
 
-def teardown(world: World) -> None:
-    """Leave together: a barrier first, so no rank destroys the group while another is still in a collective."""
+def teardown(world: World, failed: bool = False) -> None:
+    """Leave together: a barrier first, so no rank destroys the group while another is still in a collective.
+    A rank that ``failed`` leaves at once: the others cannot reach the barrier (they wait in the collective it
+    never joined), so it must exit, and torchrun then stops them, rather than wait for them until the timeout."""
     if world.distributed and dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(cfg: TrainConfig, device: str | None = None) -> Iterator[World]:
+    """``setup`` for the ``with`` block, then ``teardown``: together after success, at once after a failure."""
+    world = setup(cfg, device)
+    try:
+        yield world
+    except BaseException:
+        teardown(world, failed=True)
+        raise
+    teardown(world)
 
 
 def barrier(world: World) -> None:
@@ -299,17 +314,27 @@ def full_states(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
     gives final weights but cannot be resumed.
     """
     if is_deepspeed(module):
+        return full_model_state(module), {DEEPSPEED_MARK: True}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return full_model_state(module), get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def full_model_state(module: torch.nn.Module) -> dict:
+    """The full model state dict on CPU, on rank 0 (empty elsewhere); collective. Weights only: reading the
+    optimiser's state before its first step would create it (torch takes a zero-learning-rate step), which counts
+    a step and changes Adam's bias correction, so a best-weights snapshot at iteration 0 reads only this."""
+    if is_deepspeed(module):
         if module.zero_optimization_partition_weights():
             weights = module._zero3_consolidated_16bit_state_dict()
         else:
             weights = module.module.state_dict()
         main = dist.get_rank() == 0
-        return ({k: v.detach().float().cpu() for k, v in weights.items()} if main and weights else {},
-                {DEEPSPEED_MARK: True})
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        return {k: v.detach().float().cpu() for k, v in weights.items()} if main and weights else {}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=options)
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_states(world: World, module: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -467,11 +467,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, device: str | None = None,
     checkpoint says so and starts from scratch; ``require_checkpoint`` makes that an error instead.
     """
     t_start = time.perf_counter()
-    world = distributed.setup(cfg, device)
-    try:
+    with distributed.joined(cfg, device) as world:
         return _train(cfg, world, resume or require_checkpoint, t_start, require_checkpoint)
-    finally:
-        distributed.teardown(world)
 
 
 def check_validation_is_held_out(validation: list[str], train: list[str], source: str) -> None:
@@ -540,7 +537,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
         tracker = BestTracker.from_state(json.loads((best_dir / "best.json").read_text()))
     elif cfg.select_best:
         with maybe_applied(ema, raw_module):
-            select_if_best(tracker, 0, policy, all_rewards, validation_prompts, cfg, world, optimizer, best_dir)
+            select_if_best(tracker, 0, policy, all_rewards, validation_prompts, cfg, world, best_dir)
     if start_iteration == 0 and log:
         log.log({"iteration": 0, "held_out": held_out_before,
                  **({"validation": tracker.history[-1]} if cfg.select_best and tracker.history else {})})
@@ -583,18 +580,20 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
             "seconds": {"rollout": t1 - t0, "reward": t2 - t1, "train": t3 - t2, "total": t3 - t0, "cpu_total": cpu3 - cpu0,
                         **{f"model_{name}": value for name, value in timer.seconds.items()}},
         }
-        done = iteration + 1
+        done, stop = iteration + 1, False
         with maybe_applied(ema, raw_module):  # every evaluation (and the selected weights) sees the average
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_iterations:
                 record["held_out"] = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
             if cfg.select_best and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_iterations):
-                select_if_best(tracker, done, policy, all_rewards, validation_prompts, cfg, world, optimizer, best_dir)
-                record["validation"] = tracker.history[-1]
+                select_if_best(tracker, done, policy, all_rewards, validation_prompts, cfg, world, best_dir)
+                if main:  # the tracker lives on rank 0; every rank stops when it says so
+                    record["validation"] = tracker.history[-1]
+                stop = bool(distributed.broadcast_object(world, tracker.should_stop))
         if log:
             log.log(record)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             checkpoint_all_ranks(world, output_dir, done, policy.module, optimizer, cfg, ema)
-        if tracker.should_stop:
+        if stop:
             if main:
                 print(f"early stop after iteration {done}: {tracker.since_best} validation evaluations without a new best "
                       f"(best: iteration {tracker.best_iteration}, combined {tracker.best_score:.4f})")
@@ -607,7 +606,8 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
         checkpoint_all_ranks(world, output_dir, final_iteration, policy.module, optimizer, cfg, ema)
     if ema is not None:
         ema.copy_to(raw_module)  # the final weights are the average (the best evaluation's below, if earlier)
-    if cfg.select_best and tracker.best_iteration != final_iteration:
+    best_iteration = distributed.broadcast_object(world, tracker.best_iteration) if cfg.select_best else final_iteration
+    if best_iteration != final_iteration:
         restore_best(world, policy.module, best_dir)
         if main:
             from mixgrpo.console import say
@@ -651,15 +651,14 @@ def mean_group_std(values: torch.Tensor, group_ids: torch.Tensor) -> float:
 
 
 def select_if_best(tracker: BestTracker, iteration: int, policy: FlowModel, rewards: dict[str, Reward],
-                   prompts: list[str], cfg: TrainConfig, world: World, optimizer: torch.optim.Optimizer,
-                   best_dir: Path) -> None:
+                   prompts: list[str], cfg: TrainConfig, world: World, best_dir: Path) -> None:
     """Evaluate on the validation prompts; when it is the best qualifying evaluation, save its weights to
     ``best_dir`` (rank 0; collective under several processes). The tracker's state is saved beside them."""
     evaluation = held_out_rewards(policy, rewards, prompts, cfg, world.device)
     is_best = distributed.broadcast_object(world, tracker.update(iteration, evaluation) if world.is_main else False)
     if is_best:
-        model_state, _ = distributed.full_states(policy.module, optimizer) if world.distributed else (
-            {k: v.detach() for k, v in policy.module.state_dict().items()}, {})
+        model_state = distributed.full_model_state(policy.module) if world.distributed else {
+            k: v.detach() for k, v in policy.module.state_dict().items()}
         if world.is_main:
             best_dir.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, best_dir / ".model.tmp")
