@@ -204,6 +204,10 @@ def test_two_processes_select_stop_and_average_as_one_process(tiny_model_dir, tm
     assert finals[0]["iteration"] == finals[1]["iteration"]  # both stopped (or not) at the same evaluation
     base = load_file(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     assert_same_weights(final_weights(one), final_weights(tmp_path / "two"), base)
+    from mixgrpo.evaluate import config_provenance
+
+    cfg = load_config(tmp_path / "two" / "config.yaml")
+    assert config_provenance(cfg, tmp_path / "two" / "metrics.jsonl")["processes"] == 2   # the report says so
 
 
 FAILING_RANK_WORKER = textwrap.dedent("""

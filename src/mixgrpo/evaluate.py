@@ -206,17 +206,20 @@ def evaluate(cfg: TrainConfig, tuned_dir: str | Path, out_dir: str | Path, *, pr
 
 
 def config_provenance(cfg: TrainConfig, training_metrics: str | Path | None = None) -> dict[str, Any]:
-    """What produced the tuned weights: mode, iterations, learning rate, base model, git sha."""
+    """What produced the tuned weights: mode, iterations, learning rate, processes, weight average, base model, git sha."""
     from mixgrpo.provenance import resolve_git_sha
 
-    iterations, selected = cfg.max_iterations, {}
+    iterations, selected, processes = cfg.max_iterations, {}, 1
     if training_metrics and Path(training_metrics).is_file():
         records = [json.loads(line) for line in Path(training_metrics).read_text().splitlines() if line.strip()]
         iterations = max((r.get("iteration", 0) for r in records), default=iterations)
+        processes = max((r.get("processes", 1) for r in records), default=1)
         chosen = [r["selected_iteration"] for r in records if "selected_iteration" in r]
         if chosen:  # select_best: the weights are those of the best validation evaluation, not the last
             selected = {"weights_of_iteration": f"{chosen[-1]} (best validation evaluation of {iterations})"}
-    return {"mode": cfg.mode, "iterations": iterations, **selected, "learning_rate": cfg.optim.lr, "model_kind": cfg.model.kind,
+    average = {"weights": f"average (EMA, decay {cfg.optim.ema_decay})"} if cfg.optim.ema_decay else {}
+    return {"mode": cfg.mode, "iterations": iterations, **selected, **average, "learning_rate": cfg.optim.lr,
+            "processes": processes, "model_kind": cfg.model.kind,
             "base_model": cfg.model.path or "built-in toy base model", "git_sha": resolve_git_sha(), "seed": cfg.seed}
 
 
