@@ -91,7 +91,7 @@ def test_trainer_evaluates_and_ships_the_average(tiny_model_dir, tmp_path):
     from mixgrpo.evaluate import config_provenance
 
     provenance = config_provenance(cfg, tmp_path / "ema" / "metrics.jsonl")   # the report says these are averaged
-    assert provenance["weights"] == "average (EMA, decay 0.5)" and provenance["processes"] == 1
+    assert provenance["weight_average"] == "EMA, decay 0.5" and provenance["processes"] == 1
     plain = tiny_config(tiny_model_dir, tmp_path / "plain", max_iterations=3, checkpoint_every=3, **{"optim.lr": 1e-3})
     train(plain)
     assert load_ema_state(checkpoint_dirs(tmp_path / "plain")[-1]) is None

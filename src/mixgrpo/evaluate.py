@@ -217,7 +217,7 @@ def config_provenance(cfg: TrainConfig, training_metrics: str | Path | None = No
         chosen = [r["selected_iteration"] for r in records if "selected_iteration" in r]
         if chosen:  # select_best: the weights are those of the best validation evaluation, not the last
             selected = {"weights_of_iteration": f"{chosen[-1]} (best validation evaluation of {iterations})"}
-    average = {"weights": f"average (EMA, decay {cfg.optim.ema_decay})"} if cfg.optim.ema_decay else {}
+    average = {"weight_average": f"EMA, decay {cfg.optim.ema_decay}"} if cfg.optim.ema_decay else {}
     return {"mode": cfg.mode, "iterations": iterations, **selected, **average, "learning_rate": cfg.optim.lr,
             "processes": processes, "model_kind": cfg.model.kind,
             "base_model": cfg.model.path or "built-in toy base model", "git_sha": resolve_git_sha(), "seed": cfg.seed}
