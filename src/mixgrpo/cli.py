@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("launch", help="several processes / nodes: torchrun (or accelerate) around `train`, "
                                       "flags from the Kubeflow Trainer's PET_* variables",
-                       epilog="e.g. mixgrpo launch --engine fsdp --nproc-per-node 8 -- train --config toy")
+                       epilog="e.g. mixgrpo launch --engine ddp --nproc-per-node 2 -- train --config toy (make run's training)")
     p.add_argument("--engine", choices=["none", "ddp", "fsdp", "deepspeed"], help="sets distributed.engine (default: the config's)")
     p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun")
     p.add_argument("--nproc-per-node", help="processes per node (default: $PET_NPROC_PER_NODE, else 'gpu' / 1)")

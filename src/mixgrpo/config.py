@@ -527,7 +527,8 @@ def value_range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         (o.kl_coeff >= 0, f"optim.kl_coeff={o.kl_coeff} must be >= 0"),
         (0 <= o.ema_decay < 1, f"optim.ema_decay={o.ema_decay} must be in [0, 1) (0 = off; 0.9 averages ~10 iterations)"),
         (o.ema_decay == 0 or cfg.distributed.engine in ("none", "ddp"),
-         f"optim.ema_decay needs replicated weights: distributed.engine none or ddp, not {cfg.distributed.engine}"),
+         f"optim.ema_decay needs replicated weights: distributed.engine none or ddp, not {cfg.distributed.engine} "
+         "(add optim.ema_decay=0 to train without the weight average; the toy preset sets 0.95)"),
         (o.clip_range < 1, f"optim.clip_range={o.clip_range} must be < 1 (ratios are clipped to [1-eps, 1+eps])"),
         (cfg.eval_images_per_prompt >= 1, f"eval_images_per_prompt={cfg.eval_images_per_prompt} must be >= 1"),
         (cfg.eval_every >= 0, f"eval_every={cfg.eval_every} must be >= 0 (0 = only at the end)"),
