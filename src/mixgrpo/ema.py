@@ -21,6 +21,10 @@ class WeightEMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay {decay} must be in (0, 1)")
         self.decay = decay
+        self.restart(module)
+
+    def restart(self, module: torch.nn.Module) -> None:
+        """Start the average at the module's current weights."""
         self.shadow = {name: p.detach().clone() for name, p in _trained(module)}
 
     @torch.no_grad()

@@ -581,14 +581,17 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
                         **{f"model_{name}": value for name, value in timer.seconds.items()}},
         }
         done, stop = iteration + 1, False
-        with maybe_applied(ema, raw_module):  # every evaluation (and the selected weights) sees the average
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_iterations:
-                record["held_out"] = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
-            if cfg.select_best and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_iterations):
-                select_if_best(tracker, done, policy, all_rewards, validation_prompts, cfg, world, best_dir)
-                if main:  # the tracker lives on rank 0; every rank stops when it says so
-                    record["validation"] = tracker.history[-1]
-                stop = bool(distributed.broadcast_object(world, tracker.should_stop))
+        evaluate_held_out = cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_iterations
+        select = cfg.select_best and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_iterations)
+        if evaluate_held_out or select:
+            with maybe_applied(ema, raw_module):  # every evaluation (and the selected weights) sees the average
+                if evaluate_held_out:
+                    record["held_out"] = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
+                if select:
+                    select_if_best(tracker, done, policy, all_rewards, validation_prompts, cfg, world, best_dir)
+                    if main:  # the tracker lives on rank 0; every rank stops when it says so
+                        record["validation"] = tracker.history[-1]
+                    stop = bool(distributed.broadcast_object(world, tracker.should_stop))
         if log:
             log.log(record)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
@@ -696,6 +699,6 @@ def resume_ema(ema: WeightEMA, module: torch.nn.Module, checkpoint: Path | None,
     if state is None:
         if world.is_main:
             print(f"warning: checkpoint {checkpoint} holds no EMA average; it starts at the resumed weights")
-        ema.shadow = WeightEMA(module, ema.decay).shadow
+        ema.restart(module)
     else:
         ema.load_state_dict(state)

@@ -111,8 +111,6 @@ def train_test_split(test_fraction: float = 0.22, seed: int = 0) -> tuple[list[s
     raise RuntimeError(f"no split with test_fraction={test_fraction} keeps every word in training; lower it")
 
 
-
-
 def train_validation_test_split(validation_count: int = VALIDATION_COUNT, seed: int = 0) -> tuple[list[str], list[str], list[str]]:
     """(train, validation, held-out test): ``train_test_split`` with ``validation_count`` training prompts
     set aside, so that choices (best checkpoint, learning rate) are never made on the reported test prompts.
