@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from mixgrpo.config import ConfigError, load_config
-from mixgrpo.distributed import Shard, World, launch_command, shard_for
+from mixgrpo.distributed import Shard, World, launch_command, rank_slice, shard_for
 from mixgrpo.grpo import group_advantages_with_stats
 from mixgrpo.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
 from mixgrpo.checkpoint import checkpoint_dirs
@@ -92,6 +92,15 @@ def test_launch_command_reads_the_kubeflow_trainer_variables():
     assert Path(acc[acc.index("--config_file") + 1]).is_file()
     with pytest.raises(ValueError, match="expected `train ...` after `--`"):
         launch_command(["--config", "c.yaml"], env={})
+
+
+def test_rank_slices_share_the_prompts_evenly_in_order():
+    prompts = ["p0", "p1", "p2", "p3", "p4"]
+    shares = [rank_slice(prompts, World(rank=r, world_size=2)) for r in range(2)]
+    assert shares == [["p0", "p1", "p2"], ["p3", "p4", "p4"]]  # equal work; the last prompt pads the last share
+    assert [rank_slice(prompts, World(rank=r, world_size=3)) for r in range(3)] == [["p0", "p1"], ["p2", "p3"], ["p4", "p4"]]
+    assert rank_slice(prompts, World()) == prompts
+    assert rank_slice([], World(rank=1, world_size=2)) == []
 
 
 def test_shards_name_global_groups():
@@ -192,7 +201,11 @@ def test_two_processes_select_stop_and_average_as_one_process(tiny_model_dir, tm
     """`make run`'s training under DDP: select_best (a validation evaluation every iteration), early stopping and the
     weight EMA. Rank 1 used to read the tracker's history, which only rank 0 keeps, and crashed at the first
     evaluation; and only rank 0 would have stopped or restored the best weights. Same selection, same weights."""
-    extra = {"select_best": True, "eval_every": 1, "early_stop_patience": 1, "optim.ema_decay": 0.5, "max_iterations": 4}
+    held_out = tmp_path / "held_out.txt"  # 3 prompts over 2 ranks: the second share is padded
+    held_out.write_text("a red circle on a black background\na green square on a white background\n"
+                        "a blue triangle on a yellow background\n")
+    extra = {"select_best": True, "eval_every": 1, "early_stop_patience": 1, "optim.ema_decay": 0.5, "max_iterations": 4,
+             "eval_prompts": str(held_out)}
     one = tmp_path / "one"
     train(load_config(overrides={**COMMON, **ONE_PROCESS, **extra, "model.path": str(tiny_model_dir), "output_dir": str(one)}))
     run = launch("ddp", tmp_path / "two", tiny_model_dir, *overrides(extra))
@@ -201,6 +214,12 @@ def test_two_processes_select_stop_and_average_as_one_process(tiny_model_dir, tm
     finals = [[json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"final"' in line][-1]
               for run_dir in (one, tmp_path / "two")]
     assert finals[0]["selected_iteration"] == finals[1]["selected_iteration"]
+    # each rank evaluates its share of the held-out prompts, rank 0 scores them all: the one-process numbers
+    evaluations = [[json.loads(line)["held_out"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                    if '"held_out"' in line] for run_dir in (one, tmp_path / "two")]
+    assert len(evaluations[0]) == len(evaluations[1]) > 2
+    for a, b in zip(*evaluations):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6, nan_ok=True) for k in a)
     assert finals[0]["iteration"] == finals[1]["iteration"]  # both stopped (or not) at the same evaluation
     base = load_file(tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     assert_same_weights(final_weights(one), final_weights(tmp_path / "two"), base)

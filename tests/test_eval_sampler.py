@@ -51,6 +51,7 @@ def test_trainer_and_evaluate_score_the_same_images(tiny_model_dir: Path, tmp_pa
 
     from mixgrpo.evaluate import evaluate
     from mixgrpo.policies import build_policy, build_rewards
+    from mixgrpo.distributed import World
     from mixgrpo.train import held_out_rewards
 
     cfg = tiny_config(tiny_model_dir)
@@ -58,7 +59,7 @@ def test_trainer_and_evaluate_score_the_same_images(tiny_model_dir: Path, tmp_pa
     prompts = ["a red circle on a black background", "a green triangle on a white background",
                "a blue square on a black background"]
     rewards = build_rewards(cfg, ["toy_object_color", "toy_background", "toy_heldout_realism"], CPU)
-    trainer = held_out_rewards(policy, rewards, prompts, cfg, CPU)
+    trainer = held_out_rewards(policy, rewards, prompts, cfg, World())
     tuned = tmp_path / "tuned"
     policy.module.save_pretrained(tuned / "transformer")
     result = evaluate(cfg, tuned, tmp_path / "eval", prompts=prompts, images_per_prompt=4)

@@ -158,6 +158,27 @@ def all_gather_rows(world: World, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
+def rank_slice(items: Sequence, world: World) -> list:
+    """This rank's equal share of ``items``: ``ceil(len / W)`` consecutive items, rank-major, the last item
+    repeated to fill the last shares, so every rank does the same work (sharded engines need the same calls)."""
+    if not world.distributed or not items:
+        return list(items)
+    per_rank = -(-len(items) // world.world_size)
+    padded = list(items) + [items[-1]] * (per_rank * world.world_size - len(items))
+    return padded[world.rank * per_rank:(world.rank + 1) * per_rank]
+
+
+def gather_rows_to_main(world: World, tensor: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's ``tensor`` (the same shape on all ranks) concatenated along dim 0, rank-major, on rank 0;
+    ``None`` on the other ranks."""
+    if not world.distributed:
+        return tensor
+    local = tensor.to(_comm_device(world)).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world.world_size)] if world.is_main else None
+    dist.gather(local, parts, dst=0)
+    return torch.cat(parts).to(tensor.device) if world.is_main else None
+
+
 def gather_group_advantages(world: World, rewards: dict[str, torch.Tensor], group_ids: torch.Tensor,
                             optimised: Sequence[str] | None = None, **options
                             ) -> tuple[torch.Tensor, AdvantageStats, dict[str, torch.Tensor]]:

@@ -378,14 +378,25 @@ def anchor_term(policy: FlowModel, reference: FlowModel, states: tuple[torch.Ten
 
 
 def held_out_rewards(policy: FlowModel, rewards: dict[str, Reward], prompts: list[str], cfg: TrainConfig,
-                     device: torch.device) -> dict[str, float]:
+                     world: World) -> dict[str, float]:
     """Mean over every held-out prompt of every reward (optimised and held-out), each prompt x
     ``cfg.eval_images_per_prompt`` seeds through the shared evaluation sampler, plus the never-optimised
-    ``heldout_diversity`` (pixel std across the seeds of a prompt; collapse -> 0)."""
-    from mixgrpo.eval_sampler import evaluate_policy
+    ``heldout_diversity`` (pixel std across the seeds of a prompt; collapse -> 0).
 
-    _, _, per_prompt = evaluate_policy(policy, rewards, prompts, cfg.eval_images_per_prompt, cfg, device)
-    return {name: float(torch.nanmean(values)) for name, values in per_prompt.items()}
+    Under several processes each rank samples an equal share of the prompts (``distributed.rank_slice``), rank 0
+    scores every image, and every rank returns rank 0's numbers: the same numbers as one process, W times sooner.
+    """
+    from mixgrpo.eval_sampler import eval_rows, per_prompt_scores, sample_eval_images, score_images
+
+    per_prompt = cfg.eval_images_per_prompt
+    rows, seeds = eval_rows(distributed.rank_slice(prompts, world), per_prompt)
+    images = distributed.gather_rows_to_main(world, sample_eval_images(policy, rows, seeds, cfg, world.device))
+    means = None
+    if world.is_main:
+        images = images[:len(prompts) * per_prompt]  # without the padding of the last share
+        scores = per_prompt_scores(score_images(rewards, images, eval_rows(prompts, per_prompt)[0]), images, per_prompt)
+        means = {name: float(torch.nanmean(values)) for name, values in scores.items()}
+    return distributed.broadcast_object(world, means)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -531,7 +542,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
     log = MetricsLog(output_dir / "metrics.jsonl", cfg, start_iteration, progress=not bar) if main else None
 
     with maybe_applied(ema, raw_module):
-        held_out_before = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
+        held_out_before = held_out_rewards(policy, all_rewards, eval_prompts, cfg, world)
     best_dir = output_dir / "best"
     if cfg.select_best and start_iteration > 0 and (best_dir / "best.json").is_file():
         tracker = BestTracker.from_state(json.loads((best_dir / "best.json").read_text()))
@@ -586,7 +597,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
         if evaluate_held_out or select:
             with maybe_applied(ema, raw_module):  # every evaluation (and the selected weights) sees the average
                 if evaluate_held_out:
-                    record["held_out"] = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
+                    record["held_out"] = held_out_rewards(policy, all_rewards, eval_prompts, cfg, world)
                 if select:
                     select_if_best(tracker, done, policy, all_rewards, validation_prompts, cfg, world, best_dir)
                     if main:  # the tracker lives on rank 0; every rank stops when it says so
@@ -619,7 +630,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, t_start: float, require
             why = f"; {len(rejected)} later evaluations scored higher but failed a guard, e.g. {rejected[-1]['failed'][0]}" if rejected else ""
             say(f"final weights = iteration {tracker.best_iteration} (best validation evaluation, combined "
                 f"{tracker.best_score:.3f}), not the last ({final_iteration}){why}")
-    held_out_after = held_out_rewards(policy, all_rewards, eval_prompts, cfg, dev)
+    held_out_after = held_out_rewards(policy, all_rewards, eval_prompts, cfg, world)
     final_dir = output_dir / "final"
     model_state, _ = distributed.full_states(policy.module, optimizer) if world.distributed else ({}, {})
     if main:
@@ -657,7 +668,7 @@ def select_if_best(tracker: BestTracker, iteration: int, policy: FlowModel, rewa
                    prompts: list[str], cfg: TrainConfig, world: World, best_dir: Path) -> None:
     """Evaluate on the validation prompts; when it is the best qualifying evaluation, save its weights to
     ``best_dir`` (rank 0; collective under several processes). The tracker's state is saved beside them."""
-    evaluation = held_out_rewards(policy, rewards, prompts, cfg, world.device)
+    evaluation = held_out_rewards(policy, rewards, prompts, cfg, world)
     is_best = distributed.broadcast_object(world, tracker.update(iteration, evaluation) if world.is_main else False)
     if is_best:
         model_state = distributed.full_model_state(policy.module) if world.distributed else {
