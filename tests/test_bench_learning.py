@@ -92,3 +92,5 @@ def test_bench_config_keeps_what_its_numbers_were_measured_with(tmp_path: Path):
         assert {k: cfg[k] for k in BENCH_SETTINGS} == BENCH_SETTINGS
         assert (cfg["window.min_left"], cfg["window.max_left"], cfg["window.shift_interval"]) == (0, -1, 20)
         assert cfg["optim.ema_decay"] == 0.0 and cfg["prompts_per_iteration"] == 4 and cfg["optim.lr"] == TUNED_LR[mode]
+        record = json.loads((Path(cfg["model.path"]) / "pretrain.json").read_text())  # the base it was measured from
+        assert record["config"]["steps"] == 12000 and record["seed"] == 0

@@ -17,7 +17,8 @@ from mixgrpo.toy.model import (
     truncate_timestep,
     unpack,
 )
-from mixgrpo.toy.pretrain import SHIPPED_BASE, PretrainConfig, config_key, ensure_base_model, shipped_base_key, train_base_model
+from mixgrpo.toy.pretrain import (SHIPPED_BASE, SHIPPED_BASES, PretrainConfig, config_key, ensure_base_model, shipped_base_for,
+                                  shipped_base_key, train_base_model)
 
 TINY = ToyModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=16,
                       text_dim=8, axes_dims_rope=(4, 6, 6))
@@ -193,6 +194,20 @@ def test_the_shipped_base_model_is_the_default_pretraining_run():
     assert len(record["losses"]) == PretrainConfig().steps
     _, first_losses = train_base_model(PretrainConfig(), seed=0, progress=False, stop_after=5)
     assert first_losses == pytest.approx(record["losses"][:5], rel=1e-4)
+
+
+def test_every_shipped_base_model_is_named_by_the_config_that_made_it(tmp_path):
+    """The learning bench's 12000-step base ships beside the default one; asking for its config copies it."""
+    assert len(SHIPPED_BASES) == 2
+    for directory in SHIPPED_BASES:
+        record = json.loads((directory / "pretrain.json").read_text())
+        config = PretrainConfig(steps=record["config"]["steps"])
+        assert config_key(config, record["seed"]) == record["key"] and len(record["losses"]) == config.steps
+        assert shipped_base_for(config, record["seed"]) == directory
+        path = ensure_base_model(tmp_path, config=config, progress=False)  # a copy: pre-training would take minutes
+        weights = "transformer/diffusion_pytorch_model.safetensors"
+        assert (path / weights).read_bytes() == (directory / weights).read_bytes()
+    assert shipped_base_for(PretrainConfig(steps=7)) is None
 
 
 def test_ensure_base_model_copies_the_shipped_base_instead_of_pretraining(tmp_path):

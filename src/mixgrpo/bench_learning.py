@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 from mixgrpo.config import load_config
+from mixgrpo.toy.pretrain import PretrainConfig, ensure_base_model
 
 LEARNING_MODES = ("dancegrpo", "mixgrpo", "mixgrpo-flash", "mixgrpo-flash-star")
 SEED_BASE = 714
@@ -47,6 +48,8 @@ TOY_MODE_OVERRIDES: dict[str, dict[str, float]] = {"dancegrpo": {"sampling.eta":
 # demo) has since moved: the paper's progressive window over every step (Flash's tau 20, used for every
 # moving-window mode), not the preset's shorter cycle (edges 4..11, tau 10); one process of 4 prompts x 8 images
 # with micro-batches of 8; no weight EMA.
+# ... and the base model they were measured from: the 12000-step one, which the wheel ships beside the default.
+BENCH_BASE = PretrainConfig(steps=12000)
 BENCH_SETTINGS: dict[str, int | float] = {"window.shift_interval": 20, "window.min_left": 0, "window.max_left": -1,
                                           "prompts_per_iteration": 4, "optim.train_batch_size": 8,
                                           "optim.ema_decay": 0.0}
@@ -135,7 +138,8 @@ def plot_curves(curves: dict[str, list[dict]], png: Path) -> Path:
 
 
 def _config(mode: str, seed: int, lr: float, iterations: int, output_dir: Path, eval_prompts: str = ""):
-    return load_config(TOY_CONFIG, {**BENCH_SETTINGS, **TOY_MODE_OVERRIDES.get(mode, {}),
+    base = ensure_base_model(config=BENCH_BASE, progress=False)
+    return load_config(TOY_CONFIG, {**BENCH_SETTINGS, **TOY_MODE_OVERRIDES.get(mode, {}), "model.path": str(base),
         "mode": mode, "seed": seed, "optim.lr": lr, "max_iterations": iterations,
         "eval_every": max(iterations // 8, 1), "eval_images_per_prompt": 4, "eval_prompts": eval_prompts,
         "select_best": False, "early_stop_patience": 0,
