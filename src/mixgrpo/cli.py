@@ -206,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config)
 
     toy = sub.add_parser("toy", help="the built-in toy world").add_subparsers(dest="toy_command", metavar="COMMAND", required=True)
-    p = toy.add_parser("pretrain", help="install the toy base model the wheel ships (--force: pre-train it again by flow matching, ~30 min)")
+    p = toy.add_parser("pretrain", help="install the toy base model the wheel ships (--force: pre-train it again by flow matching, ~55 min)")
     p.add_argument("--cache-dir", help="cache directory (default: $MIXGRPO_CACHE or ~/.cache/mixgrpo)")
-    p.add_argument("--force", action="store_true", help="pre-train again (12000 steps, one thread) instead of the shipped or cached model")
+    p.add_argument("--force", action="store_true", help="pre-train again (24000 steps, one thread) instead of the shipped or cached model")
     p.set_defaults(func=_cmd_toy_pretrain)
 
     p = sub.add_parser("sample", help="images from a model: a directory, file://, s3:// or models:/NAME@ALIAS",
