@@ -209,16 +209,13 @@ def score_on_rank0(world: World, rewards: dict, names: list[str], images: torch.
                    ) -> dict[str, torch.Tensor]:
     """Gather every rank's images to rank 0, score them there, scatter each rank its scores."""
     comm = _comm_device(world)
-    local = images.detach().float().to(comm).contiguous()
-    everything = [torch.empty_like(local) for _ in range(world.world_size)] if world.is_main else None
-    dist.gather(local, everything, dst=0)
+    everything = gather_rows_to_main(world, images.detach().float())
     all_prompts: list = [None] * world.world_size if world.is_main else None
     dist.gather_object(prompts, all_prompts, dst=0)
     chunks = None
     if world.is_main:
         flat = [p for part in all_prompts for p in part]
-        scores = torch.stack([rewards[name](torch.cat(everything).to(images.device), flat).float().to(comm)
-                              for name in names], dim=1)
+        scores = torch.stack([rewards[name](everything, flat).float().to(comm) for name in names], dim=1)
         chunks = list(scores.chunk(world.world_size))
     mine = torch.empty(len(prompts), len(names), device=comm)
     dist.scatter(mine, chunks, src=0)
