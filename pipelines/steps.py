@@ -604,7 +604,9 @@ def provenance_tags(params: Mapping[str, Any]) -> dict[str, str]:
     """The provenance tags of a model version from the training overrides (``model.path`` "" = the toy base)."""
     tags = {tag: str(params[key]) for tag, key in PROVENANCE_PARAMS.items() if key in params}
     if "base_model" in tags and not tags["base_model"]:
-        tags["base_model"] = "built-in toy base model"
+        from mixgrpo.toy.pretrain import shipped_base_label
+
+        tags["base_model"] = shipped_base_label()
     return tags
 
 

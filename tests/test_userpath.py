@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from mixgrpo import cli
+from mixgrpo.toy.pretrain import shipped_base_label
 
 PROMPT = "a red circle on a black background"
 
@@ -379,7 +380,7 @@ def test_register_attaches_to_the_training_run_and_tags_provenance(tmp_path: Pat
     version = client.get_model_version("m", out.version)
     assert version.run_id == run_id
     assert [k for k in version.tags if k.startswith("metric.")] == [f"metric.{steps.GATE_METRIC}"]
-    assert {"mode": "mixgrpo", "iterations": "12", "learning_rate": "5e-05", "base_model": "built-in toy base model",
+    assert {"mode": "mixgrpo", "iterations": "12", "learning_rate": "5e-05", "base_model": shipped_base_label(),
             "git_sha": "abc123", "pipeline_run_id": "run-9"}.items() <= version.tags.items()
 
 

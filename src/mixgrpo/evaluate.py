@@ -32,6 +32,7 @@ from mixgrpo.eval_sampler import DIVERSITY, eval_seeds, evaluate_policy
 from mixgrpo.grids import image_grid, to_pil
 from mixgrpo.models.base import FlowModel
 from mixgrpo.rewards.base import build_reward
+from mixgrpo.toy.pretrain import shipped_base_label
 from mixgrpo.stats import bootstrap_ci, paired_bootstrap_ci
 from mixgrpo.policies import build_policy
 from mixgrpo.train import load_prompts
@@ -220,7 +221,7 @@ def config_provenance(cfg: TrainConfig, training_metrics: str | Path | None = No
     average = {"weight_average": f"EMA, decay {cfg.optim.ema_decay}"} if cfg.optim.ema_decay else {}
     return {"mode": cfg.mode, "iterations": iterations, **selected, **average, "learning_rate": cfg.optim.lr,
             "processes": processes, "model_kind": cfg.model.kind,
-            "base_model": cfg.model.path or "built-in toy base model", "git_sha": resolve_git_sha(), "seed": cfg.seed}
+            "base_model": cfg.model.path or shipped_base_label(), "git_sha": resolve_git_sha(), "seed": cfg.seed}
 
 
 def image_name(model: str, prompt_index: int, seed: int) -> str:

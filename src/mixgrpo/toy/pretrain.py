@@ -172,6 +172,11 @@ def shipped_base_key() -> str | None:
     return _recorded_key(SHIPPED_BASE)
 
 
+def shipped_base_label() -> str:
+    """How reports and model versions name the default base model (``model.path`` ""): its steps and config key."""
+    return f"built-in toy base model ({PretrainConfig().steps} pre-training steps, key {shipped_base_key()})"
+
+
 def shipped_base_for(config: PretrainConfig, seed: int = 0) -> Path | None:
     """The shipped base model (``SHIPPED_BASES``) that ``config`` and ``seed`` make, if the wheel has one."""
     key = config_key(config, seed)
