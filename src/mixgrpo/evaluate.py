@@ -31,10 +31,10 @@ from mixgrpo.config import TrainConfig
 from mixgrpo.eval_sampler import DIVERSITY, eval_seeds, evaluate_policy
 from mixgrpo.grids import image_grid, to_pil
 from mixgrpo.models.base import FlowModel
-from mixgrpo.rewards.base import build_reward
-from mixgrpo.toy.pretrain import shipped_base_label
-from mixgrpo.stats import bootstrap_ci, paired_bootstrap_ci
 from mixgrpo.policies import build_policy
+from mixgrpo.rewards.base import build_reward
+from mixgrpo.stats import bootstrap_ci, paired_bootstrap_ci
+from mixgrpo.toy.pretrain import shipped_base_label
 from mixgrpo.train import load_prompts
 
 # The published reporting scales (spec section 7/9): HPS raw cosine, PickScore /100, ImageReward as its
