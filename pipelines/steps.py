@@ -603,10 +603,10 @@ PROVENANCE_PARAMS = {"mode": "mode", "iterations": "max_iterations", "learning_r
 def provenance_tags(params: Mapping[str, Any]) -> dict[str, str]:
     """The provenance tags of a model version from the training overrides (``model.path`` "" = the toy base)."""
     tags = {tag: str(params[key]) for tag, key in PROVENANCE_PARAMS.items() if key in params}
-    if "base_model" in tags and not tags["base_model"]:
-        from mixgrpo.toy.pretrain import shipped_base_label
+    if "base_model" in tags:
+        from mixgrpo.toy.pretrain import base_model_label
 
-        tags["base_model"] = shipped_base_label()
+        tags["base_model"] = base_model_label(tags["base_model"])
     return tags
 
 

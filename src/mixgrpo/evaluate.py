@@ -34,7 +34,7 @@ from mixgrpo.models.base import FlowModel
 from mixgrpo.policies import build_policy
 from mixgrpo.rewards.base import build_reward
 from mixgrpo.stats import bootstrap_ci, paired_bootstrap_ci
-from mixgrpo.toy.pretrain import shipped_base_label
+from mixgrpo.toy.pretrain import base_model_label
 from mixgrpo.train import load_prompts
 
 # The published reporting scales (spec section 7/9): HPS raw cosine, PickScore /100, ImageReward as its
@@ -221,7 +221,7 @@ def config_provenance(cfg: TrainConfig, training_metrics: str | Path | None = No
     average = {"weight_average": f"EMA, decay {cfg.optim.ema_decay}"} if cfg.optim.ema_decay else {}
     return {"mode": cfg.mode, "iterations": iterations, **selected, **average, "learning_rate": cfg.optim.lr,
             "processes": processes, "model_kind": cfg.model.kind,
-            "base_model": cfg.model.path or shipped_base_label(), "git_sha": resolve_git_sha(), "seed": cfg.seed}
+            "base_model": base_model_label(cfg.model.path), "git_sha": resolve_git_sha(), "seed": cfg.seed}
 
 
 def image_name(model: str, prompt_index: int, seed: int) -> str:

@@ -177,6 +177,11 @@ def shipped_base_label() -> str:
     return f"built-in toy base model ({PretrainConfig().steps} pre-training steps, key {shipped_base_key()})"
 
 
+def base_model_label(model_path: str) -> str:
+    """The base model's name in provenance: ``model.path`` itself, or ``shipped_base_label()`` when it is ""."""
+    return model_path or shipped_base_label()
+
+
 def shipped_base_for(config: PretrainConfig, seed: int = 0) -> Path | None:
     """The shipped base model (``SHIPPED_BASES``) that ``config`` and ``seed`` make, if the wheel has one."""
     key = config_key(config, seed)
